@@ -1,0 +1,44 @@
+"""`keras-vit COMMAND ...`: one entry point; each command lives in its own module.
+
+A command module provides `add_arguments(parser)` and `run(args) -> int`; it is
+imported only when its command runs, so `keras-vit --help` stays fast.
+"""
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "variants": ("keras_vit.variants_cli", "list the ViT variants with sizes and parameter counts"),
+    "train": ("keras_vit.train", "train (and evaluate, export) a ViT under a tf.distribute strategy"),
+    "export": ("keras_vit.export", "export a run's model to SavedModel (TF Serving) and TFLite"),
+    "predict": ("keras_vit.predict", "top-5 predictions from a SavedModel, .tflite or .keras file"),
+    "benchmark": ("keras_vit.benchmark", "images/second against the peers installed here"),
+    "attention-map": ("keras_vit.attention_map", "save an attention-rollout overlay for an image"),
+}
+
+
+def _usage():
+    lines = ["usage: keras-vit COMMAND [options]   (keras-vit COMMAND --help for its options)",
+             "", "commands:"]
+    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"keras-vit: unknown command {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name, help_ = COMMANDS[argv[0]]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"keras-vit {argv[0]}", description=help_)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv[1:])) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,12 @@
+"""The custom Keras layers a ViT is made of, all serializable and backend-agnostic."""
+
+from keras_vit.layers.attention import MultiHeadSelfAttention
+from keras_vit.layers.drop_path import DropPath
+from keras_vit.layers.gelu import gelu
+from keras_vit.layers.patch_encoder import PatchEncoder
+from keras_vit.layers.patches import Patches, patch_grid
+from keras_vit.layers.pooling import TokenPooling
+from keras_vit.layers.transformer_block import MlpBlock, TransformerBlock
+
+__all__ = ["DropPath", "MlpBlock", "MultiHeadSelfAttention", "PatchEncoder", "Patches",
+           "TokenPooling", "TransformerBlock", "gelu", "patch_grid"]

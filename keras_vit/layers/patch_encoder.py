@@ -1,0 +1,52 @@
+import keras
+from keras import ops
+
+
+@keras.saving.register_keras_serializable(package="keras_vit")
+class PatchEncoder(keras.layers.Layer):
+    """Projects flattened patches to width D, prepends a class token, adds position embeddings.
+
+    One matrix projects every patch (the paper's E). With `class_token=True` a
+    learnable token is prepended and `N + 1` learnable 1D position embeddings are
+    added after it (the original ViT order); with `class_token=False` there are `N`
+    position embeddings and the model pools by global average instead.
+
+    Weights use the reference initialisation: projection LeCun-normal (Flax's
+    Conv default), class token zeros, position embeddings normal(0.02).
+
+    Args:
+        width: int, the token width D.
+        class_token: bool, whether to prepend a learnable class token.
+    """
+
+    def __init__(self, width, class_token=True, **kwargs):
+        super().__init__(**kwargs)
+        self.width = int(width)
+        self.class_token = bool(class_token)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        num_patches, patch_dim = input_shape[1], input_shape[2]
+        self.kernel = self.add_weight(
+            name="kernel", shape=(patch_dim, self.width),
+            initializer=keras.initializers.LecunNormal())
+        self.bias = self.add_weight(name="bias", shape=(self.width,), initializer="zeros")
+        if self.class_token:
+            self.cls = self.add_weight(name="cls", shape=(1, 1, self.width), initializer="zeros")
+        num_tokens = num_patches + int(self.class_token)
+        self.pos_embedding = self.add_weight(
+            name="pos_embedding", shape=(1, num_tokens, self.width),
+            initializer=keras.initializers.RandomNormal(stddev=0.02))
+
+    def call(self, patches):
+        x = ops.matmul(patches, self.kernel) + self.bias
+        if self.class_token:
+            cls = ops.broadcast_to(self.cls, (ops.shape(x)[0], 1, self.width))
+            x = ops.concatenate([ops.cast(cls, x.dtype), x], axis=1)
+        return x + self.pos_embedding
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[1] + int(self.class_token), self.width)
+
+    def get_config(self):
+        return {**super().get_config(), "width": self.width, "class_token": self.class_token}

@@ -1,0 +1,149 @@
+"""`build("B/16")`: the ViT of "An Image is Worth 16x16 Words" as a Keras functional model."""
+
+import keras
+
+from keras_vit.layers import (Patches, PatchEncoder, TokenPooling, TransformerBlock,
+                              patch_grid)
+from keras_vit.layers.gelu import GELU_FORMS
+from keras_vit.variants import parse_variant
+
+
+def _image_hw(image_size):
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def build(variant, *, image_size=224, num_classes=1000, patch_size=None, num_channels=3,
+          include_top=True, pooling="token", representation_size=None, dropout_rate=0.0,
+          attention_dropout_rate=0.0, drop_path_rate=0.0, gelu="tanh",
+          classifier_activation=None, weights=None, name=None):
+    """Builds a Vision Transformer as a Keras functional model.
+
+    The model takes images scaled to [-1, 1] (see `keras_vit.preprocess`) of shape
+    `(batch, height, width, num_channels)` and returns logits (float32 under mixed
+    precision too).
+
+    Args:
+        variant: "Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14", ... (see `variants()`).
+        image_size: int or (height, width); each must be divisible by the patch size.
+        num_classes: int, classes of the head.
+        patch_size: int, overrides the patch size in `variant` (e.g. 4 for 32x32 images).
+        num_channels: int, image channels.
+        include_top: bool; False returns the pooled features the head would read
+            (width D, or `representation_size`) instead of logits.
+        pooling: "token" (class token, the paper) or "gap" (no class token,
+            global average pooling of the patch tokens).
+        representation_size: optional int, adds the "pre_logits" Dense + tanh
+            layer of the i21k checkpoints.
+        dropout_rate: float, dropout after the embeddings, attention and MLP.
+        attention_dropout_rate: float, dropout on the attention weights.
+        drop_path_rate: float, stochastic depth, rising linearly from 0 at the
+            first block to this rate at the last.
+        gelu: "tanh" (the JAX reference and its checkpoints) or "erf" (exact;
+            PyTorch, timm and Hugging Face weights).
+        classifier_activation: None for logits, or e.g. "softmax".
+        weights: optional path to weights for this model (a `.weights.h5` file).
+        name: model name; defaults to e.g. "vit_b16".
+
+    Returns:
+        A `keras.Model`.
+    """
+    v = parse_variant(variant, patch_size)
+    height, width = _image_hw(image_size)
+    patch_grid(height, width, v.patch_size)
+    if gelu not in GELU_FORMS:
+        raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
+    if include_top and (not num_classes or num_classes < 1):
+        raise ValueError(
+            f"num_classes must be a positive integer with include_top=True, got {num_classes}; "
+            "use include_top=False for features without a head.")
+
+    images = keras.Input((height, width, num_channels), name="images")
+    layers = [
+        Patches(v.patch_size, name="patches"),
+        PatchEncoder(v.width, class_token=pooling == "token", name="patch_encoder"),
+        keras.layers.Dropout(dropout_rate, name="embedding_dropout"),
+    ]
+    for i in range(v.depth):
+        rate = drop_path_rate * i / max(v.depth - 1, 1)
+        layers.append(TransformerBlock(
+            v.num_heads, v.mlp_dim, dropout_rate=dropout_rate,
+            attention_dropout_rate=attention_dropout_rate, drop_path_rate=rate, gelu=gelu,
+            name=f"encoderblock_{i}"))
+    layers.append(keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_norm"))
+    layers.append(TokenPooling(pooling, name="pool"))
+    if representation_size:
+        layers.append(keras.layers.Dense(representation_size, activation="tanh",
+                                         name="pre_logits"))
+    x = images
+    for layer in layers:
+        x = layer(x)
+    if include_top:
+        # float32 head: logits stay float32 under mixed precision.
+        x = keras.layers.Dense(num_classes, kernel_initializer="zeros",
+                               activation=classifier_activation, dtype="float32",
+                               name="head")(x)
+    model = keras.Model(images, x, name=name or "vit_" + v.name.lower().replace("/", ""))
+    if weights is not None:
+        model.load_weights(weights)
+    return model
+
+
+def _encoder_layers(model):
+    """The layers of a model made by `build`, by role, checked so errors say what is wrong."""
+    by_name = {layer.name: layer for layer in model.layers}
+    missing = [n for n in ("patches", "patch_encoder", "encoder_norm", "pool") if n not in by_name]
+    if missing:
+        raise ValueError(f"Model {model.name!r} was not made by keras_vit.build: it has no "
+                         f"layer(s) {missing}.")
+    blocks = [layer for layer in model.layers if isinstance(layer, TransformerBlock)]
+    return by_name, blocks
+
+
+def feature_model(model):
+    """A model sharing `model`'s layers and weights that returns its intermediate values.
+
+    Nothing is rebuilt or copied: the returned model calls the same layers, so
+    fine-tuning one changes the other. Its output is a dict:
+
+    - "tokens": `(batch, tokens, D)` final-normed token features;
+    - "pooled": `(batch, D)` what the head reads (after pre_logits if present);
+    - "block_outputs": list of `(batch, tokens, D)`, one per encoder block;
+    - "attention_weights": list of `(batch, heads, tokens, tokens)`, one per block.
+    """
+    layers, blocks = _encoder_layers(model)
+    images = keras.Input(model.inputs[0].shape[1:], name="images")
+    x = layers["patch_encoder"](layers["patches"](images))
+    if "embedding_dropout" in layers:
+        x = layers["embedding_dropout"](x)
+    block_outputs, attention_weights = [], []
+    for block in blocks:
+        x, scores = _ReturnAttention(block, name=f"{block.name}_with_attention")(x)
+        block_outputs.append(x)
+        attention_weights.append(scores)
+    tokens = layers["encoder_norm"](x)
+    pooled = layers["pool"](tokens)
+    if "pre_logits" in layers:
+        pooled = layers["pre_logits"](pooled)
+    return keras.Model(images, {"tokens": tokens, "pooled": pooled,
+                                "block_outputs": block_outputs,
+                                "attention_weights": attention_weights},
+                       name=f"{model.name}_features")
+
+
+class _ReturnAttention(keras.layers.Layer):
+    """Calls a shared TransformerBlock asking for its attention weights.
+
+    A functional model cannot reuse a layer with a different output structure
+    (Keras checks connectivity with the structure of the layer's first call), so
+    the second call goes through this thin wrapper; the weights stay shared.
+    """
+
+    def __init__(self, block, **kwargs):
+        super().__init__(**kwargs)
+        self.block = block
+
+    def call(self, x):
+        return self.block(x, return_attention_scores=True)
