@@ -1,0 +1,267 @@
+"""Training data as tf.data pipelines: the embedded digits, image folders, TFDS (TensorFlow only).
+
+Every source yields (uint8 RGB image at the model's size, int label). Images are
+resized once (bilinear, antialiased, rounded back to uint8) and cached; the same
+`resize_image` runs inside the exported serving graph, so a deployed model sees
+exactly what training saw.
+"""
+
+import concurrent.futures
+import dataclasses
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+class DataError(ValueError):
+    """A data source cannot be used; the message says how to fix it."""
+
+
+@dataclasses.dataclass
+class Data:
+    """Unbatched splits of (uint8 [H, W, 3] image, int32 label) at the model's image size."""
+
+    train: tf.data.Dataset
+    validation: tf.data.Dataset
+    test: tf.data.Dataset
+    class_names: list
+    sizes: dict  # split name -> number of examples
+    skipped: list = dataclasses.field(default_factory=list)  # unreadable files, reported
+
+
+def decode_image(contents):
+    """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3] (grayscale and RGBA made RGB; GIF frame 0)."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    return image
+
+
+def to_rgb(image):
+    """uint8 [H, W, 1|3|4] -> [H, W, 3]."""
+    channels = image.shape[-1]
+    if channels == 1:
+        return tf.image.grayscale_to_rgb(image)
+    if channels == 4:
+        return image[..., :3]
+    return image
+
+
+def resize_image(image, image_size):
+    """uint8 [..., H, W, 3] -> uint8 at `image_size`: bilinear, antialiased, rounded."""
+    resized = tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear",
+                              antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
+
+
+def normalize(images):
+    """uint8 or float [0, 255] -> float32 [-1, 1], as the ViT checkpoints expect."""
+    return tf.cast(images, tf.float32) / 127.5 - 1.0
+
+
+def _split_indices(labels, fractions, seed):
+    """Stratified split of example indices into len(fractions) + 1 parts (the rest first)."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(len(fractions) + 1)]
+    for label in np.unique(labels):
+        index = rng.permutation(np.flatnonzero(labels == label))
+        start = 0
+        for i, fraction in enumerate(fractions, start=1):
+            count = int(round(fraction * len(index)))
+            parts[i].extend(index[start:start + count])
+            start += count
+        parts[0].extend(index[start:])
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def _from_arrays(images, labels, image_size):
+    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
+    return ds.map(lambda x, y: (resize_image(x, image_size), y), num_parallel_calls=AUTOTUNE)
+
+
+def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0):
+    """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), shipped inside the
+    scikit-learn package: real data that needs no download."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    digits = sklearn_digits()
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)  # values 0..16 -> 0..255
+    images = np.repeat(gray[..., None], 3, axis=-1)
+    labels = digits.target
+    train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
+    splits = {"train": train, "validation": validation, "test": test}
+    datasets = {k: _from_arrays(images[v], labels[v], image_size) for k, v in splits.items()}
+    return Data(**datasets, class_names=[str(d) for d in range(10)],
+                sizes={k: len(v) for k, v in splits.items()})
+
+
+def _check_image_file(path):
+    try:
+        image = decode_image(tf.io.read_file(path))
+        if image.shape[0] == 0 or image.shape[1] == 0:
+            return "empty image"
+        return None
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
+            tf.errors.UnknownError, tf.errors.DataLossError) as err:
+        return err.message.splitlines()[0] if err.message else type(err).__name__
+
+
+def scan_folder(root):
+    """Lists (path, label) of readable images in root/<class>/..., reporting the others.
+
+    Every file is decoded once, so corrupt, truncated and non-image files are found
+    before training and skipped, not fatal to an epoch.
+
+    Returns:
+        (paths, labels, class_names, skipped) where skipped is a list of "path: reason".
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"Image folder {root} does not exist. Point --data folder:PATH at a "
+                        "folder with one sub-folder of images per class.")
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(class_names) < 2:
+        raise DataError(f"Image folder {root} has {len(class_names)} class sub-folder(s); it needs "
+                        "one sub-folder per class (at least 2), e.g. root/cat/*.jpg, root/dog/*.jpg.")
+    files = []
+    for label, name in enumerate(class_names):
+        for dirpath, _, filenames in os.walk(root / name):
+            files += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
+                      if not f.startswith(".")]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        problems = list(pool.map(lambda item: _check_image_file(item[0]), files))
+    good = [item for item, problem in zip(files, problems) if problem is None]
+    skipped = [f"{item[0]}: {problem}" for item, problem in zip(files, problems) if problem]
+    if not good:
+        raise DataError(f"No readable images under {root} ({len(skipped)} files could not be "
+                        "decoded as JPEG, PNG, BMP or GIF).")
+    paths, labels = zip(*good)
+    return list(paths), np.asarray(labels), class_names, skipped
+
+
+def _load_files(paths, labels, image_size):
+    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels.astype(np.int32)))
+    return ds.map(lambda p, y: (resize_image(decode_image(tf.io.read_file(p)), image_size), y),
+                  num_parallel_calls=AUTOTUNE)
+
+
+def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
+    """An image folder with one sub-folder per class. If it holds train/ and test/ (and
+    optionally validation/ or val/) sub-folders, those are the splits; otherwise the
+    splits are drawn from it, stratified by class."""
+    root = Path(root).expanduser()
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        paths, labels, class_names, skipped = scan_folder(root / "train")
+        test_paths, test_labels, test_classes, test_skipped = scan_folder(root / "test")
+        if test_classes != class_names:
+            raise DataError(f"{root}/train and {root}/test have different class folders: "
+                            f"{class_names} vs {test_classes}.")
+        skipped += test_skipped
+        val_dir = next((root / d for d in ("validation", "val") if (root / d).is_dir()), None)
+        if val_dir is not None:
+            val_paths, val_labels, _, val_skipped = scan_folder(val_dir)
+            skipped += val_skipped
+            train_idx = np.arange(len(paths))
+        else:
+            train_idx, val_idx = _split_indices(labels, [validation_split], seed)
+            val_paths, val_labels = [paths[i] for i in val_idx], labels[val_idx]
+        splits = {"train": ([paths[i] for i in train_idx], labels[train_idx]),
+                  "validation": (val_paths, val_labels), "test": (test_paths, test_labels)}
+    else:
+        paths, labels, class_names, skipped = scan_folder(root)
+        train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
+        splits = {name: ([paths[i] for i in idx], labels[idx])
+                  for name, idx in (("train", train), ("validation", validation), ("test", test))}
+    datasets = {name: _load_files(p, y, image_size) for name, (p, y) in splits.items()}
+    return Data(**datasets, class_names=class_names,
+                sizes={name: len(p) for name, (p, _) in splits.items()}, skipped=skipped)
+
+
+def load_tfds(name, image_size, data_dir=None, validation_split=0.1):
+    """A TFDS image-classification dataset already prepared in `data_dir` (never downloads)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as err:  # tfds raises several types for unknown names
+        raise DataError(f"TFDS has no dataset {name!r}: {str(err).splitlines()[0]}") from err
+    if not builder.is_prepared():
+        where = data_dir or "~/tensorflow_datasets"
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Training never "
+            f"downloads. On a machine with internet run `tfds build {name} --data_dir {where}` "
+            f"(or python -c \"import tensorflow_datasets as tfds; tfds.load('{name}', "
+            f"data_dir='{where}')\"), copy that folder here and pass --data-dir {where}.")
+    info = builder.info
+    image_key = next((k for k in ("image", "img") if k in info.features), None)
+    label_key = "label" if "label" in info.features else None
+    if image_key is None or label_key is None:
+        raise DataError(f"TFDS dataset {name!r} has no image/label features "
+                        f"({list(info.features)}); it is not an image-classification dataset.")
+    splits = info.splits
+    if "validation" in splits:
+        split_names = {"train": "train", "validation": "validation"}
+    else:
+        percent = int(round(100 * (1 - validation_split)))
+        split_names = {"train": f"train[:{percent}%]", "validation": f"train[{percent}%:]"}
+    split_names["test"] = "test" if "test" in splits else split_names["validation"]
+
+    def prepare(example):
+        return resize_image(to_rgb(example[image_key]), image_size), \
+            tf.cast(example[label_key], tf.int32)
+
+    datasets, sizes = {}, {}
+    for split, spec in split_names.items():
+        datasets[split] = builder.as_dataset(split=spec, shuffle_files=False).map(
+            prepare, num_parallel_calls=AUTOTUNE)
+        sizes[split] = int(splits[spec].num_examples)
+    return Data(**datasets, class_names=list(info.features[label_key].names), sizes=sizes)
+
+
+def load_data(spec, image_size, *, data_dir=None, validation_split=0.1, test_split=None, seed=0):
+    """Loads "digits", "folder:PATH" or "tfds:NAME" at `image_size` (height, width)."""
+    image_size = tuple(image_size)
+    if spec == "digits":
+        return load_digits(image_size, validation_split, 0.2 if test_split is None else test_split,
+                           seed)
+    kind, _, value = spec.partition(":")
+    if kind == "folder" and value:
+        return load_folder(value, image_size, validation_split,
+                           0.1 if test_split is None else test_split, seed)
+    if kind == "tfds" and value:
+        return load_tfds(value, image_size, data_dir, validation_split)
+    raise DataError(f"Unknown --data {spec!r}: use digits (embedded), folder:PATH (one "
+                    "sub-folder per class) or tfds:NAME (with --data-dir).")
+
+
+def estimated_cache_bytes(data, image_size):
+    return sum(data.sizes.values()) * int(np.prod(image_size)) * 3
+
+
+def training_batches(ds, batch_size, *, seed, cache=True, skip_batches=0):
+    """Shuffled, repeated (endless) training batches of uint8 images and int labels.
+
+    The order is fixed by `seed` for the whole run, so a resumed run can skip the
+    batches it has already trained on and continue with the same stream.
+    """
+    if cache:
+        ds = ds.cache()
+    ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if skip_batches:
+        ds = ds.skip(skip_batches)
+    return ds
+
+
+def evaluation_batches(ds, batch_size, cache=True):
+    if cache:
+        ds = ds.cache()
+    return ds.batch(batch_size)
+
+
+def steps_per_epoch(num_examples, batch_size):
+    return max(1, math.floor(num_examples / batch_size))

@@ -1,0 +1,371 @@
+"""`keras-vit train`: train a ViT with model.fit under a tf.distribute strategy (TensorFlow only).
+
+    keras-vit train                                    # embedded digits, CPU, ~2 minutes
+    keras-vit train --data folder:/data/flowers --variant S/16 --image-size 224 --epochs 30
+    keras-vit train --data tfds:cifar10 --data-dir ~/tensorflow_datasets --strategy mirrored
+    TF_CONFIG=... keras-vit train --strategy multi-worker ...
+
+A run folder (--out) receives config.json, model.keras, history.csv, curves.png,
+TensorBoard logs and backups; a run that is killed resumes from its last backup
+when the same command is started again.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# Defaults that depend on the data: the embedded digits are 8x8 and small, so they get a
+# small, shallow model; everything else gets the paper's 224x224 set-up.
+DATA_DEFAULTS = {
+    "digits": dict(variant="Ti/16", image_size="32", patch_size=4, depth=6, epochs=30,
+                   batch_size=64, learning_rate=1e-3, warmup_epochs=3, flip=False,
+                   translate=0.1, randaugment=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
+                   drop_path=0.1, weight_decay=0.05),
+    "other": dict(variant="S/16", image_size="224", patch_size=None, depth=None, epochs=30,
+                  batch_size=128, learning_rate=1e-3, warmup_epochs=5, flip=True,
+                  translate=0.1, randaugment=0.5, mixup=0.2, cutmix=1.0, label_smoothing=0.1,
+                  drop_path=0.1, weight_decay=0.1),
+}
+PRESETS = {  # the paper: Adam(W) for pre-training, SGD with momentum for fine-tuning
+    "pretrain": dict(optimizer="adamw"),
+    "finetune": dict(optimizer="sgd", learning_rate=0.01, weight_decay=0.0, warmup_epochs=1,
+                     mixup=0.0, cutmix=0.0, randaugment=0.0),
+}
+# Never decayed: biases, LayerNorm scales/offsets, class token, position embeddings.
+NO_DECAY = ["bias", "gamma", "beta", "cls", "pos_embedding"]
+
+
+def add_arguments(parser):
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default="digits",
+                      help="digits (embedded, default) | folder:PATH | tfds:NAME")
+    data.add_argument("--data-dir", help="TFDS data_dir holding the prepared dataset")
+    data.add_argument("--validation-split", type=float, default=0.1)
+    data.add_argument("--test-split", type=float, default=None,
+                      help="held-out test fraction when the data has no test split")
+    model = parser.add_argument_group("model")
+    model.add_argument("--variant", help="Ti/16, S/16, B/16, ... (default: per data)")
+    model.add_argument("--image-size", help="224 or HEIGHTxWIDTH (default: per data)")
+    model.add_argument("--patch-size", type=int)
+    model.add_argument("--depth", type=int, help="override the number of encoder blocks")
+    model.add_argument("--pooling", choices=["token", "gap"],
+                       help="token (default) or gap; with --weights, what the checkpoint has")
+    model.add_argument("--gelu", choices=["tanh", "erf"],
+                       help="tanh (default) or erf; with --weights, what the checkpoint has")
+    model.add_argument("--dropout", type=float, default=0.0)
+    model.add_argument("--attention-dropout", type=float, default=0.0)
+    model.add_argument("--drop-path", type=float, help="stochastic depth rate at the last block")
+    model.add_argument("--weights", help="initial weights (checkpoint file or name)")
+    recipe = parser.add_argument_group("recipe")
+    recipe.add_argument("--preset", choices=sorted(PRESETS), default="pretrain",
+                        help="pretrain: AdamW; finetune: SGD with momentum (the paper's)")
+    recipe.add_argument("--optimizer", choices=["adamw", "sgd"])
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int, help="global batch, split across replicas")
+    recipe.add_argument("--learning-rate", type=float)
+    recipe.add_argument("--weight-decay", type=float)
+    recipe.add_argument("--momentum", type=float, default=0.9)
+    recipe.add_argument("--warmup-epochs", type=float)
+    recipe.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    recipe.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping")
+    recipe.add_argument("--label-smoothing", type=float)
+    recipe.add_argument("--flip", action=argparse.BooleanOptionalAction)
+    recipe.add_argument("--translate", type=float, help="random shift, fraction of the size")
+    recipe.add_argument("--randaugment", type=float, help="RandAugment strength 0..1 (0 off)")
+    recipe.add_argument("--mixup", type=float, help="MixUp alpha (0 off)")
+    recipe.add_argument("--cutmix", type=float, help="CutMix factor (0 off)")
+    recipe.add_argument("--seed", type=int, default=0)
+    system = parser.add_argument_group("system")
+    system.add_argument("--strategy", default="auto",
+                        choices=["auto", "one-device", "mirrored", "multi-worker", "tpu"])
+    system.add_argument("--tpu-address", help="TPU name or grpc:// address for --strategy tpu")
+    system.add_argument("--cpu-devices", type=int,
+                        help="split the CPU into N logical devices (Mirrored on one machine)")
+    system.add_argument("--precision", default="auto",
+                        choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
+                        help="auto: mixed_bfloat16 on TPUs and GPUs that have it, else float32")
+    system.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"],
+                        help="XLA; auto: on (it is faster for ViTs on CPU and GPU)")
+    system.add_argument("--checkpoint-every", type=int, default=50,
+                        help="back up every N steps (and at each epoch end)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--out", help="run folder (default: runs/<data name>)")
+    output.add_argument("--export-dir", help="where to export (default: exported/<run name>)")
+    output.add_argument("--no-export", action="store_true", help="skip SavedModel/TFLite export")
+    output.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
+                        help="Keras progress: 0 silent, 1 bars, 2 one line per epoch")
+
+
+def parse_image_size(text):
+    height, _, width = str(text).lower().partition("x")
+    return [int(height), int(width or height)]
+
+
+def resolve_config(args):
+    """The run's full configuration: explicit flags over preset over per-data defaults."""
+    config = dict(DATA_DEFAULTS["digits" if args.data == "digits" else "other"])
+    config.update(optimizer="adamw")
+    config.update(PRESETS[args.preset])
+    for key, value in vars(args).items():
+        if value is not None or key not in config:
+            config[key] = value
+    config["image_size"] = parse_image_size(config["image_size"])
+    return config
+
+
+def data_name(spec):
+    return Path(spec.partition(":")[2] or spec).name.replace("/", "_") or "run"
+
+
+def choose_run_dir(config):
+    """The run folder. An unfinished run there is resumed (same configuration required);
+    a finished one is kept and this run goes to a new numbered folder instead."""
+    from keras_vit.run_dir import CONFIG_FILE
+
+    base = Path(config["out"] or Path("runs") / data_name(config["data"]))
+    candidate, n = base, 1
+    while True:
+        config_path = candidate / CONFIG_FILE
+        if not config_path.exists():
+            return candidate, False
+        previous = json.loads(config_path.read_text())
+        if not previous.get("finished"):
+            mismatched = {k: (previous.get(k), config[k]) for k in RESUME_KEYS
+                          if previous.get(k) != config[k]}
+            if mismatched:
+                detail = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in mismatched.items())
+                raise SystemExit(
+                    f"{candidate} holds an unfinished run with a different configuration "
+                    f"({detail}). Start it again with the same flags to resume, or pass "
+                    "--out NEW_FOLDER for a new run.")
+            return candidate, True
+        n += 1
+        candidate = base.with_name(f"{base.name}-{n}")
+
+
+# A resumed run must agree on everything that shapes the weights or the data stream.
+RESUME_KEYS = ["data", "variant", "image_size", "patch_size", "depth", "pooling", "gelu",
+               "batch_size", "epochs", "optimizer", "seed"]
+
+
+def build_optimizer(config, steps_per_epoch):
+    import keras
+
+    from keras_vit.schedules import WarmupDecay
+
+    total = config["epochs"] * steps_per_epoch
+    warmup = min(int(config["warmup_epochs"] * steps_per_epoch), total - 1)
+    schedule = WarmupDecay(config["learning_rate"], total, warmup, decay=config["schedule"])
+    if config["optimizer"] == "sgd":
+        optimizer = keras.optimizers.SGD(schedule, momentum=config["momentum"],
+                                         weight_decay=config["weight_decay"] or None,
+                                         global_clipnorm=config["clip_norm"] or None)
+    else:
+        optimizer = keras.optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.999,
+                                           weight_decay=config["weight_decay"],
+                                           global_clipnorm=config["clip_norm"] or None)
+    if config["weight_decay"]:
+        optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
+    return optimizer
+
+
+def pick_precision(config, strategy):
+    import tensorflow as tf
+
+    if config["precision"] != "auto":
+        return config["precision"]
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "mixed_bfloat16"
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability and capability >= (8, 0):
+            return "mixed_bfloat16"
+    return "float32"
+
+
+def save_curves(history_csv, path):
+    """A PNG of the loss and accuracy curves from history.csv."""
+    import csv
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(history_csv) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, metric in zip(axes, ("loss", "accuracy")):
+        for prefix, style in (("", "-"), ("val_", "--")):
+            if prefix + metric in rows[0]:
+                ax.plot(epochs, [float(r[prefix + metric]) for r in rows], style,
+                        label=(prefix or "train_") + metric)
+        ax.set_xlabel("epoch")
+        ax.set_title(metric)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def train(config):
+    """Runs training as configured; returns (exit code, summary dict)."""
+    from keras_vit import distribute
+
+    strategy = distribute.make_strategy(config["strategy"], tpu_address=config.get("tpu_address"),
+                                        cpu_devices=config.get("cpu_devices"))
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import keras_vit
+    from keras_vit import augment, data as data_lib, run_dir as run_lib
+    from keras_vit.callbacks import RunBackup, StopOnNaN
+
+    chief = distribute.is_chief(strategy)
+    run_dir, resuming = choose_run_dir(config)
+    work_dir = Path(distribute.worker_dir(run_dir, strategy))
+    replicas = strategy.num_replicas_in_sync
+    if config["batch_size"] % replicas:
+        raise SystemExit(f"--batch-size {config['batch_size']} is not divisible by the "
+                         f"{replicas} replicas; use a multiple of {replicas}.")
+    precision = pick_precision(config, strategy)
+    keras.mixed_precision.set_global_policy(precision)
+    keras.utils.set_random_seed(config["seed"])
+    start = time.time()
+
+    data = data_lib.load_data(config["data"], config["image_size"], data_dir=config["data_dir"],
+                              validation_split=config["validation_split"],
+                              test_split=config["test_split"], seed=config["seed"])
+    if data.skipped:
+        print(f"Skipped {len(data.skipped)} unreadable file(s) (not decodable as "
+              "JPEG/PNG/BMP/GIF):", *data.skipped[:20], sep="\n  ")
+        if len(data.skipped) > 20:
+            print(f"  ... and {len(data.skipped) - 20} more")
+    num_classes = len(data.class_names)
+    spe = data_lib.steps_per_epoch(data.sizes["train"], config["batch_size"])
+    cache = data_lib.estimated_cache_bytes(data, config["image_size"]) < 4 * 2**30
+    jit = config["jit_compile"] != "off"
+
+    config.update(num_classes=num_classes, class_names=data.class_names, precision=precision,
+                  steps_per_epoch=spe, replicas=replicas, finished=False,
+                  model=dict(variant=config["variant"], image_size=config["image_size"],
+                             num_classes=num_classes, patch_size=config["patch_size"],
+                             depth=config["depth"], pooling=config["pooling"],
+                             gelu=config["gelu"]))
+    if chief:
+        run_lib.write_config(run_dir, config)
+    print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
+          f"on {config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
+          f"validation / {data.sizes['test']} test, {num_classes} classes), "
+          f"{replicas} replica(s) under {type(strategy).__name__}, {precision}, "
+          f"XLA {'on' if jit else 'off'}", flush=True)
+
+    with strategy.scope():
+        model = keras_vit.build(
+            config["variant"], image_size=config["image_size"], num_classes=num_classes,
+            patch_size=config["patch_size"], depth=config["depth"], pooling=config["pooling"],
+            gelu=config["gelu"], dropout_rate=config["dropout"],
+            attention_dropout_rate=config["attention_dropout"],
+            drop_path_rate=config["drop_path"], weights=config.get("weights"))
+        model.compile(
+            optimizer=build_optimizer(config, spe),
+            loss=keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=config["label_smoothing"]),
+            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+            jit_compile=jit)
+        model.optimizer.build(model.trainable_variables)
+
+    backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
+    step = backup.restore(model)
+    total_steps = config["epochs"] * spe
+    if step:
+        print(f"Restored the backup at step {step} of {total_steps} "
+              f"(epoch {step // spe + 1}, batch {step % spe}).", flush=True)
+
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = \
+        tf.data.experimental.AutoShardPolicy.DATA
+    augment_config = augment.AugmentConfig(
+        flip=config["flip"], translate=config["translate"], randaugment=config["randaugment"],
+        mixup=config["mixup"], cutmix=config["cutmix"])
+    train_ds = (data_lib.training_batches(data.train, config["batch_size"], seed=config["seed"],
+                                          cache=cache, skip_batches=step)
+                .map(augment.make_augmenter(augment_config, num_classes, config["seed"]),
+                     num_parallel_calls=tf.data.AUTOTUNE)
+                .prefetch(tf.data.AUTOTUNE).with_options(options))
+    prepare = augment.prepare_evaluation(num_classes)
+    val_ds = (data_lib.evaluation_batches(data.validation, config["batch_size"], cache)
+              .map(prepare).prefetch(tf.data.AUTOTUNE).with_options(options))
+    test_ds = (data_lib.evaluation_batches(data.test, config["batch_size"], cache)
+               .map(prepare).prefetch(tf.data.AUTOTUNE).with_options(options))
+
+    nan_guard = StopOnNaN()
+    callbacks = [nan_guard, backup,
+                 keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True),
+                 keras.callbacks.TensorBoard(str(work_dir / "logs"), update_freq="epoch")]
+    # A run killed mid-epoch first finishes that epoch's remaining steps, then goes on.
+    epoch = step // spe
+    if step % spe and epoch < config["epochs"]:
+        model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
+                  steps_per_epoch=spe - step % spe, validation_data=val_ds,
+                  callbacks=callbacks, verbose=config["verbose"], shuffle=False)
+        epoch += 1
+    if epoch < config["epochs"] and nan_guard.stopped_at is None:
+        model.fit(train_ds, initial_epoch=epoch, epochs=config["epochs"], steps_per_epoch=spe,
+                  validation_data=val_ds, callbacks=callbacks, verbose=config["verbose"],
+                  shuffle=False)
+    if nan_guard.stopped_at is not None:
+        stopped_epoch, stopped_batch = nan_guard.stopped_at
+        print(f"\nTraining stopped: the loss became NaN at epoch {stopped_epoch}, step "
+              f"{stopped_batch}. The last good backup is kept in {work_dir / 'backup'}; lower "
+              "--learning-rate (or use --precision float32) and start the same command again "
+              "to resume from it.", file=sys.stderr)
+        return 3, {}
+
+    loss, accuracy = model.evaluate(test_ds, verbose=0)
+    summary = {"test_accuracy": float(accuracy), "test_loss": float(loss),
+               "steps": int(model.optimizer.iterations.numpy()),
+               "train_seconds": round(time.time() - start, 1)}
+    # Every worker saves (saving may need all of them); only the chief's copy is the run's.
+    config.update(finished=True, result=summary)
+    run_lib.save_run(work_dir, model, config, _samples(data, num_classes))
+    shutil.rmtree(work_dir / "backup", ignore_errors=True)
+    distribute.remove_worker_dir(run_dir, strategy)
+    if chief:
+        save_curves(work_dir / "history.csv", run_dir / "curves.png")
+        if not config["no_export"]:
+            from keras_vit.export import export_run, format_report
+
+            export_dir = config["export_dir"] or Path("exported") / run_dir.name
+            report = export_run(run_dir, export_dir)
+            print(format_report(report))
+            summary["exported"] = str(export_dir)
+    print(f"\nrun: {run_dir}")
+    print(f"time: {time.time() - start:.0f} s")
+    print(f"test loss: {loss:.4f}")
+    print(f"test accuracy: {accuracy:.4f}")
+    return 0, summary
+
+
+def _samples(data, num_classes, calibration=256, test_cap=2000):
+    """uint8 images for export: training images to calibrate int8, held-out ones to verify."""
+    import numpy as np
+
+    calibration_images = np.stack([x for x, _ in data.train.take(calibration).as_numpy_iterator()])
+    test = list(data.test.take(test_cap).as_numpy_iterator())
+    return {"calibration_images": calibration_images,
+            "test_images": np.stack([x for x, _ in test]),
+            "test_labels": np.asarray([y for _, y in test], dtype=np.int32)}
+
+
+def run(args):
+    code, _ = train(resolve_config(args))
+    return code

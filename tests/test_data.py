@@ -1,0 +1,112 @@
+"""Image folders: every common format loads as RGB; unreadable files are reported and skipped."""
+
+import io
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from keras_vit.data import DataError, load_folder, normalize, resize_image, scan_folder
+
+
+def write_image(path, mode, fmt, size=(12, 10), seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    array = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    image = Image.fromarray(array[..., 0] if channels == 1 else array, mode)
+    if fmt == "GIF":
+        image = image.convert("P")
+    image.save(path, fmt)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder")
+    good = []
+    for label in ("cat", "dog"):
+        (root / label).mkdir()
+        for i, (mode, fmt, ext) in enumerate([
+                ("RGB", "JPEG", "jpg"), ("RGB", "PNG", "png"), ("L", "PNG", "png"),
+                ("RGBA", "PNG", "png"), ("RGB", "BMP", "bmp"), ("RGB", "GIF", "gif"),
+                ("L", "JPEG", "jpeg")] * 2):
+            path = root / label / f"{label}_{i}.{ext}"
+            write_image(path, mode, fmt, seed=i)
+            good.append(path)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8) + 90).save(jpeg, "JPEG")
+    bad = {
+        root / "cat" / "truncated.jpg": jpeg.getvalue()[: len(jpeg.getvalue()) // 3],
+        root / "cat" / "noise.png": os.urandom(300),
+        root / "dog" / "notes.txt": b"not an image at all\n",
+        root / "dog" / "empty.jpg": b"",
+    }
+    for path, contents in bad.items():
+        path.write_bytes(contents)
+    return root, good, sorted(bad)
+
+
+def test_scan_reports_each_unreadable_file_and_keeps_the_rest(image_folder):
+    root, good, bad = image_folder
+    paths, labels, class_names, skipped = scan_folder(root)
+    assert class_names == ["cat", "dog"]
+    assert sorted(paths) == sorted(str(p) for p in good)
+    assert len(skipped) == 4
+    assert sorted(line.split(": ")[0] for line in skipped) == [str(p) for p in bad]
+    assert (np.bincount(labels) == [14, 14]).all()
+
+
+def test_every_format_loads_as_rgb_at_the_model_size(image_folder):
+    root, good, _ = image_folder
+    data = load_folder(root, (8, 8), validation_split=0.2, test_split=0.2)
+    assert sum(data.sizes.values()) == len(good) and len(data.skipped) == 4
+    images = [x for split in (data.train, data.validation, data.test)
+              for x, _ in split.as_numpy_iterator()]
+    assert len(images) == len(good)
+    assert all(x.shape == (8, 8, 3) and x.dtype == np.uint8 for x in images)
+    counts = {name: size for name, size in data.sizes.items()}
+    assert counts["validation"] >= 4 and counts["test"] >= 4  # stratified: some of each class
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path):
+    import tensorflow as tf
+
+    from keras_vit.data import decode_image
+
+    write_image(tmp_path / "g.png", "L", "PNG")
+    image = decode_image(tf.io.read_file(str(tmp_path / "g.png"))).numpy()
+    assert image.shape == (10, 12, 3)
+    assert (image[..., 0] == image[..., 1]).all() and (image[..., 1] == image[..., 2]).all()
+
+
+def test_resize_and_normalize_match_keras_vit_preprocess():
+    import keras_vit
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 20, 30, 3), dtype=np.uint8)
+    ours = normalize(resize_image(images, (16, 24))).numpy()
+    np.testing.assert_allclose(ours, keras_vit.preprocess(images, (16, 24)), atol=1e-6)
+
+
+def test_folder_errors_say_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        scan_folder(tmp_path / "missing")
+    (tmp_path / "only").mkdir()
+    with pytest.raises(DataError, match="one sub-folder per class"):
+        scan_folder(tmp_path)
+
+
+def test_training_on_a_folder_with_bad_files_survives_the_epoch(image_folder, tmp_path):
+    root, _, _ = image_folder
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_vit.cli", "train", "--data", f"folder:{root}",
+         "--out", str(tmp_path / "run"), "--variant", "Ti/16", "--image-size", "8",
+         "--patch-size", "4", "--depth", "1", "--epochs", "1", "--batch-size", "4",
+         "--jit-compile", "off", "--no-export", "--verbose", "0"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "Skipped 4 unreadable file(s)" in result.stdout
+    assert "truncated.jpg" in result.stdout and "notes.txt" in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("test accuracy: ")

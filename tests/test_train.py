@@ -1,0 +1,214 @@
+"""keras-vit train end to end on the embedded digits (tiny models), and its parts."""
+
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+TINY = ["--variant", "Ti/16", "--image-size", "8", "--patch-size", "2", "--depth", "1",
+        "--batch-size", "32", "--jit-compile", "off", "--no-export", "--verbose", "0"]
+
+
+def train_command(out, *extra):
+    return [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out), *TINY, *extra]
+
+
+def run_train(out, *extra, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run(train_command(out, *extra), capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def history_epochs(run_dir):
+    with open(Path(run_dir) / "history.csv") as f:
+        return [int(row["epoch"]) for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    result = run_train(out, "--epochs", "3", "--learning-rate", "3e-3", "--warmup-epochs", "0.5")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return out, result.stdout
+
+
+def test_run_folder_has_everything_and_the_summary_line(finished_run):
+    out, stdout = finished_run
+    last = stdout.strip().splitlines()[-1]
+    assert last.startswith("test accuracy: ")
+    accuracy = float(last.split(":")[1])
+    assert accuracy > 0.5  # 10 classes: chance is 0.1; three epochs of a tiny ViT learn
+    config = json.loads((out / "config.json").read_text())
+    assert config["finished"] and config["class_names"] == [str(d) for d in range(10)]
+    assert abs(config["result"]["test_accuracy"] - accuracy) < 1e-4
+    assert config["result"]["steps"] == 3 * config["steps_per_epoch"]
+    assert history_epochs(out) == [0, 1, 2]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    with np.load(out / "samples.npz") as samples:
+        assert samples["test_images"].dtype == np.uint8
+        assert samples["test_images"].shape[1:] == (8, 8, 3)
+        assert len(samples["test_images"]) == len(samples["test_labels"]) == 359
+    assert not (out / "backup").exists()  # removed once the run is finished
+
+
+def test_saved_model_loads_in_a_fresh_process_and_has_no_augmentation(finished_run):
+    out, stdout = finished_run
+    code = ("import sys, numpy as np, keras, keras_vit; "
+            "m = keras.saving.load_model(sys.argv[1] + '/model.keras'); "
+            "s = np.load(sys.argv[1] + '/samples.npz'); "
+            "x = keras_vit.preprocess(s['test_images']); "
+            "acc = float(np.mean(np.argmax(m.predict(x, verbose=0), -1) == s['test_labels'])); "
+            "print(acc, sorted({type(l).__name__ for l in m.layers}))")
+    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy, layer_types = result.stdout.strip().split(" ", 1)
+    config = json.loads((out / "config.json").read_text())
+    assert abs(float(accuracy) - config["result"]["test_accuracy"]) < 1e-6
+    assert "Random" not in layer_types and "MixUp" not in layer_types
+
+
+def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp_path):
+    out, _ = finished_run
+    from keras_vit.train import choose_run_dir
+
+    config = json.loads((out / "config.json").read_text())
+    config["out"] = str(out)
+    run_dir, resuming = choose_run_dir(config)
+    assert run_dir == out.with_name("digits-2") and not resuming
+
+
+def test_a_killed_run_resumes_where_it_was(tmp_path):
+    out = tmp_path / "killed"
+    args = ["--epochs", "4", "--checkpoint-every", "3", "--batch-size", "64"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    process = subprocess.Popen(train_command(out, *args), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, env=env)
+    metadata = out / "backup" / "training_metadata.json"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:  # wait for a mid-epoch backup in epoch 2 or later
+            if metadata.exists():
+                try:
+                    state = json.loads(metadata.read_text())
+                except ValueError:
+                    state = {}
+                if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:
+                    break
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("no mid-epoch backup appeared")
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+    config = json.loads((out / "config.json").read_text())
+    assert not config["finished"]
+    result = run_train(out, *args)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert "Restored the backup at step" in result.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["finished"]
+    assert config["result"]["steps"] == 4 * config["steps_per_epoch"]  # no step lost or repeated
+    epochs = history_epochs(out)
+    assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+
+
+def test_resuming_with_other_flags_is_refused(tmp_path):
+    from keras_vit.train import choose_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"finished": False, "variant": "S/16"}))
+    with pytest.raises(SystemExit, match="different configuration.*variant"):
+        choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"})
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
+    out = tmp_path / "nan"
+    result = run_train(out, "--epochs", "3", "--learning-rate", "1e12", "--clip-norm", "0",
+                       "--warmup-epochs", "0", "--checkpoint-every", "1", "--label-smoothing", "0")
+    assert result.returncode == 3
+    assert "loss became NaN" in result.stderr and "lower --learning-rate" in result.stderr
+    weights = out / "backup" / "latest.weights.h5"
+    assert weights.exists()
+    import h5py
+
+    with h5py.File(weights) as f:
+        arrays = []
+        f.visititems(lambda name, obj: arrays.append(obj[()]) if hasattr(obj, "dtype") else None)
+    assert arrays and all(np.isfinite(a).all() for a in arrays if a.dtype.kind == "f")
+
+
+def test_missing_tfds_dataset_fails_fast_with_how_to_prepare_it(tmp_path):
+    from keras_vit.data import DataError, load_data
+
+    start = time.time()
+    with pytest.raises(DataError, match=r"not prepared.*tfds build cifar10"):
+        load_data("tfds:cifar10", (32, 32), data_dir=str(tmp_path))
+    assert time.time() - start < 1.0
+
+
+def test_unknown_data_spec_says_what_is_accepted():
+    from keras_vit.data import DataError, load_data
+
+    with pytest.raises(DataError, match="digits.*folder:PATH.*tfds:NAME"):
+        load_data("mnist", (32, 32))
+
+
+def test_adamw_skips_decay_on_biases_norms_class_token_and_positions():
+    import keras_vit
+    from keras_vit.train import build_optimizer
+
+    model = keras_vit.build("Ti/16", image_size=8, patch_size=4, depth=1, num_classes=3)
+    optimizer = build_optimizer(dict(epochs=2, learning_rate=1e-3, warmup_epochs=1,
+                                     schedule="cosine", optimizer="adamw", weight_decay=0.1,
+                                     clip_norm=1.0, momentum=0.9), steps_per_epoch=10)
+    optimizer.build(model.trainable_variables)
+    decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
+    assert decayed == {v.path for v in model.trainable_variables
+                       if v.name in ("kernel", "query_kernel", "key_kernel", "value_kernel",
+                                     "out_kernel")}
+    assert optimizer.weight_decay == 0.1 and optimizer.global_clipnorm == 1.0
+    assert (optimizer.beta_1, optimizer.beta_2) == (0.9, 0.999)
+
+
+def test_warmup_then_cosine_schedule():
+    from keras_vit.schedules import WarmupDecay
+
+    schedule = WarmupDecay(1.0, total_steps=110, warmup_steps=10)
+    values = [float(schedule(step)) for step in (0, 4, 9, 10, 60, 110, 200)]
+    np.testing.assert_allclose(values, [0.1, 0.5, 1.0, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
+    linear = WarmupDecay(1.0, total_steps=110, warmup_steps=10, decay="linear")
+    np.testing.assert_allclose(float(linear(35)), 0.75, atol=1e-6)
+    clone = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(schedule))
+    assert clone.get_config() == schedule.get_config()
+
+
+def test_augmentation_keeps_range_and_mixes_labels():
+    import tensorflow as tf
+
+    from keras_vit.augment import AugmentConfig, make_augmenter
+
+    images = tf.cast(tf.random.uniform((16, 16, 16, 3), 0, 256, dtype=tf.int32), tf.uint8)
+    labels = tf.range(16) % 4
+    augment = make_augmenter(AugmentConfig(flip=True, translate=0.1, randaugment=0.5,
+                                           mixup=0.2, cutmix=1.0), num_classes=4)
+    x, y = augment(images, labels)
+    assert x.dtype == tf.float32 and float(tf.reduce_min(x)) >= -1 and float(tf.reduce_max(x)) <= 1
+    np.testing.assert_allclose(tf.reduce_sum(y, -1), 1.0, atol=1e-5)
+    assert float(tf.reduce_max(y)) < 1.0 or float(tf.reduce_min(tf.reduce_max(y, -1))) < 1.0
+    plain, plain_labels = make_augmenter(AugmentConfig(flip=False), 4)(images, labels)
+    np.testing.assert_allclose(plain, tf.cast(images, tf.float32) / 127.5 - 1, atol=1e-6)
+    np.testing.assert_array_equal(plain_labels, tf.one_hot(labels, 4))
