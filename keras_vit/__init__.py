@@ -10,11 +10,13 @@ import os
 # keras imports TensorFlow; an explicit setting by the user wins).
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from keras_vit import layers  # noqa: E402
+from keras_vit import checkpoints, layers  # noqa: E402
+from keras_vit.attention_map import attention_map, save_attention_overlay  # noqa: E402
 from keras_vit.model import build, feature_model
 from keras_vit.preprocessing import preprocess
 from keras_vit.variants import count_parameters, parse_variant, variant_names, variants
 
 __version__ = "0.1.0"
-__all__ = ["build", "count_parameters", "feature_model", "layers", "parse_variant",
+__all__ = ["attention_map", "build", "checkpoints", "count_parameters", "feature_model",
+           "layers", "parse_variant", "save_attention_overlay",
            "preprocess", "variant_names", "variants"]

@@ -1,10 +1,13 @@
 """`build("B/16")`: the ViT of "An Image is Worth 16x16 Words" as a Keras functional model."""
 
+import dataclasses
+
 import keras
 
 from keras_vit.layers import (Patches, PatchEncoder, TokenPooling, TransformerBlock,
                               patch_grid)
 from keras_vit.layers.gelu import GELU_FORMS
+from keras_vit.layers.resnet import ResNetStem
 from keras_vit.variants import parse_variant
 
 
@@ -15,9 +18,10 @@ def _image_hw(image_size):
     return int(height), int(width)
 
 
-def build(variant, *, image_size=224, num_classes=1000, patch_size=None, num_channels=3,
-          include_top=True, pooling="token", representation_size=None, dropout_rate=0.0,
-          attention_dropout_rate=0.0, drop_path_rate=0.0, gelu="tanh",
+def build(variant, *, image_size=224, num_classes=1000, patch_size=None, depth=None,
+          num_channels=3,
+          include_top=True, pooling=None, representation_size=None, dropout_rate=0.0,
+          attention_dropout_rate=0.0, drop_path_rate=0.0, gelu=None,
           classifier_activation=None, weights=None, name=None):
     """Builds a Vision Transformer as a Keras functional model.
 
@@ -30,29 +34,50 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, num_cha
         image_size: int or (height, width); each must be divisible by the patch size.
         num_classes: int, classes of the head.
         patch_size: int, overrides the patch size in `variant` (e.g. 4 for 32x32 images).
+        depth: int, overrides the number of encoder blocks (e.g. 6 for small data).
         num_channels: int, image channels.
         include_top: bool; False returns the pooled features the head would read
             (width D, or `representation_size`) instead of logits.
-        pooling: "token" (class token, the paper) or "gap" (no class token,
-            global average pooling of the patch tokens).
+        pooling: "token" (class token, the paper; the default) or "gap" (no class
+            token, global average pooling of the patch tokens). With `weights`
+            from a checkpoint, defaults to what the checkpoint has.
         representation_size: optional int, adds the "pre_logits" Dense + tanh
-            layer of the i21k checkpoints.
+            layer of the i21k checkpoints (taken from the checkpoint when it has one).
         dropout_rate: float, dropout after the embeddings, attention and MLP.
         attention_dropout_rate: float, dropout on the attention weights.
         drop_path_rate: float, stochastic depth, rising linearly from 0 at the
             first block to this rate at the last.
-        gelu: "tanh" (the JAX reference and its checkpoints) or "erf" (exact;
-            PyTorch, timm and Hugging Face weights).
+        gelu: "tanh" (the JAX reference and its checkpoints; the default) or "erf"
+            (exact; PyTorch, timm and Hugging Face weights, chosen by default for them).
         classifier_activation: None for logits, or e.g. "softmax".
-        weights: optional path to weights for this model (a `.weights.h5` file).
+        weights: optional weights for this model: a Keras `.weights.h5` file; an
+            original / AugReg / big_vision `.npz`; a Hugging Face or timm
+            `.safetensors`, `.bin`, `.pt` or `.pth` file; or a published name such
+            as "augreg_in21k" or "augreg_in21k_ft_in1k_384" (downloaded once into
+            the Keras cache, see `keras_vit.checkpoints.named_checkpoints()`).
+            Checkpoints are resampled to `image_size`; a head whose class count
+            differs from `num_classes` starts from zeros (with a warning).
         name: model name; defaults to e.g. "vit_b16".
 
     Returns:
         A `keras.Model`.
     """
     v = parse_variant(variant, patch_size)
+    if depth is not None:
+        if int(depth) < 1:
+            raise ValueError(f"depth must be a positive integer, got {depth}.")
+        v = dataclasses.replace(v, depth=int(depth))
+    checkpoint = None
+    if weights is not None:
+        from keras_vit import checkpoints  # on use: checkpoint readers and downloads
+        checkpoint = checkpoints.open_weights(weights, variant=v)  # None for .weights.h5
+        if checkpoint is not None:  # what the file says, unless given here
+            pooling, representation_size, gelu = checkpoint.build_args(
+                pooling, representation_size, gelu)
+    pooling = pooling or "token"
+    gelu = gelu or "tanh"
     height, width = _image_hw(image_size)
-    patch_grid(height, width, v.patch_size)
+    patch_grid(height, width, v.stride)
     if gelu not in GELU_FORMS:
         raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
     if include_top and (not num_classes or num_classes < 1):
@@ -62,7 +87,8 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, num_cha
 
     images = keras.Input((height, width, num_channels), name="images")
     layers = [
-        Patches(v.patch_size, name="patches"),
+        (ResNetStem(v.resnet, v.resnet_width, v.patch_size, name="patches") if v.is_hybrid
+         else Patches(v.patch_size, name="patches")),
         PatchEncoder(v.width, class_token=pooling == "token", name="patch_encoder"),
         keras.layers.Dropout(dropout_rate, name="embedding_dropout"),
     ]
@@ -86,7 +112,9 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, num_cha
                                activation=classifier_activation, dtype="float32",
                                name="head")(x)
     model = keras.Model(images, x, name=name or "vit_" + v.name.lower().replace("/", ""))
-    if weights is not None:
+    if checkpoint is not None:
+        checkpoints.load_checkpoint(model, checkpoint)
+    elif weights is not None:
         model.load_weights(weights)
     return model
 

@@ -17,6 +17,20 @@ _SIZES = {
 }
 PATCH_SIZES = (8, 14, 16, 32)
 
+# Hybrids of the paper and AugReg (vit_jax/configs/models.py): a ResNetV2 stem
+# (stage depths; () is the root block alone, stride 4) replaces the patch cut,
+# then the transformer of `size` embeds `patch` x `patch` cells of the stem's
+# feature map. The number after "/" is the effective patch size (total stride);
+# "R+Ti/16" keeps the reference's name although root + 8x8 cells is stride 32.
+_HYBRIDS = {
+    # name: (transformer size, ResNet stage depths, patch size on the stem output)
+    "R+Ti/16": ("Ti", (), 8),
+    "R26+S/32": ("S", (2, 2, 2, 2), 1),
+    "R26+B/32": ("B", (2, 2, 2, 2), 1),
+    "R50+B/16": ("B", (3, 4, 9), 1),
+    "R50+L/32": ("L", (3, 4, 6, 3), 1),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
@@ -28,19 +42,58 @@ class Variant:
     num_heads: int
     mlp_dim: int
     patch_size: int
+    # Hybrids only: ResNetV2 stage depths (None: plain ViT; (): root block only)
+    # and the stem's base width; `patch_size` then applies to the stem's output.
+    resnet: tuple = None
+    resnet_width: int = 64
+
+    @property
+    def is_hybrid(self):
+        return self.resnet is not None
+
+    @property
+    def stride(self):
+        """Pixels per token side: the patch size, times the stem's stride for hybrids."""
+        if self.resnet is None:
+            return self.patch_size
+        return self.patch_size * 4 * 2 ** max(len(self.resnet) - 1, 0)
+
+    @property
+    def stem_channels(self):
+        """Channels of the hybrid stem's output (None for a plain ViT)."""
+        if self.resnet is None:
+            return None
+        if not self.resnet:
+            return self.resnet_width
+        return self.resnet_width * 4 * 2 ** (len(self.resnet) - 1)
 
 
 def variant_names():
-    """Every variant string `build` accepts, e.g. "Ti/16", "B/32", "H/14"."""
-    return [f"{size}/{patch}" for size in _SIZES for patch in PATCH_SIZES]
+    """Every variant string `build` accepts, e.g. "Ti/16", "B/32", "H/14", "R50+B/16"."""
+    return [f"{size}/{patch}" for size in _SIZES for patch in PATCH_SIZES] + list(_HYBRIDS)
 
 
 def parse_variant(variant, patch_size=None):
     """Decodes "B/16" (or "B" with `patch_size`) into a `Variant`.
 
+    Also takes the hybrid names ("R50+B/16", "R26+S/32", ...) and a `Variant`
+    itself (a custom size, e.g. a tiny one for tests).
+
     Raises:
         ValueError: the name is not one of `variant_names()`.
     """
+    if isinstance(variant, Variant):
+        if patch_size is None:
+            return variant
+        return dataclasses.replace(variant, patch_size=int(patch_size))
+    if isinstance(variant, str) and variant.strip() in _HYBRIDS:
+        name = variant.strip()
+        size, resnet, cell = _HYBRIDS[name]
+        if patch_size is not None and int(patch_size) != cell:
+            raise ValueError(
+                f"Hybrid {name!r} embeds {cell}x{cell} cells of its ResNet stem's output; "
+                f"its patch size cannot be changed (got patch_size={patch_size}).")
+        return Variant(name, *_SIZES[size], cell, resnet=resnet)
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a string such as 'B/16', got {variant!r}")
     size, _, patch = variant.strip().partition("/")
@@ -73,8 +126,12 @@ def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
     v = parse_variant(variant, patch_size)
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     d, p = v.width, v.patch_size
-    tokens = (h // p) * (w // p) + (1 if class_token else 0)
-    embed = p * p * num_channels * d + d + tokens * d + (d if class_token else 0)
+    tokens = (h // v.stride) * (w // v.stride) + (1 if class_token else 0)
+    stem = 0
+    if v.is_hybrid:
+        stem = _resnet_stem_parameters(v.resnet, v.resnet_width, num_channels)
+        num_channels = v.stem_channels
+    embed = stem + p * p * num_channels * d + d + tokens * d + (d if class_token else 0)
     block = 2 * 2 * d + 4 * (d * d + d) + (d * v.mlp_dim + v.mlp_dim) + (v.mlp_dim * d + d)
     features = d
     pre_logits = 0
@@ -83,6 +140,21 @@ def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
         features = representation_size
     head = features * num_classes + num_classes if num_classes else 0
     return embed + v.depth * block + 2 * d + pre_logits + head
+
+
+def _resnet_stem_parameters(stage_depths, width, num_channels):
+    """Weights of the hybrids' ResNetV2 stem: bias-free convolutions, GroupNorm scale + bias."""
+    total = 7 * 7 * num_channels * width + 2 * width  # conv_root, gn_root
+    in_ch = width
+    for s, depth in enumerate(stage_depths):
+        mid = width * 2 ** s
+        out = 4 * mid
+        for u in range(depth):
+            total += in_ch * mid + 2 * mid + 9 * mid * mid + 2 * mid + mid * out + 2 * out
+            if u == 0 and (in_ch != out or s > 0):  # conv_proj + gn_proj
+                total += in_ch * out + 2 * out
+            in_ch = out
+    return total
 
 
 def variants(image_size=224, num_classes=1000):

@@ -1,0 +1,505 @@
+"""`tf.distribute` strategies for training keras-vit models with `model.fit`.
+
+    strategy = make_strategy("auto")          # TPU, else all GPUs, else the default strategy
+    with strategy.scope():
+        model = keras_vit.build(...)
+        model.compile(...)
+    model.fit(dataset.batch(global_batch_size), ...)
+
+    out = worker_dir(run_dir, strategy)        # run_dir on the chief, a temp folder elsewhere
+    model.save_weights(out / "model.weights.h5")   # every worker saves (see `worker_dir`)
+    remove_worker_dir(run_dir, strategy)        # non-chief workers drop their copies
+
+Strategies (`make_strategy(name)`, `STRATEGIES`):
+
+- "auto": TPUStrategy when a TPU is evidently there (an explicit address, `TPU_NAME`, or a
+  local TPU device file); MirroredStrategy over all GPUs when there are two or more; else the
+  default strategy (one GPU or the CPU). It never asks the network whether a TPU exists.
+- "one-device": OneDeviceStrategy on GPU:0, or CPU:0 without a GPU.
+- "mirrored": MirroredStrategy, synchronous data parallelism over this machine's GPUs;
+  `cpu_devices=N` splits the CPU into N logical devices first (tests, demos).
+- "multi-worker": MultiWorkerMirroredStrategy over the machines listed in `TF_CONFIG`;
+  applies `fix_keras_20585()`, without which Keras 3.15's `model.fit` fails under it.
+- "tpu": TPUStrategy (`tpu_address`, else `TPU_NAME`, else a TPU attached to this VM).
+
+Batch sizes: `model.fit` under a strategy takes batches of the GLOBAL batch size (batch the
+`tf.data.Dataset` with it); `tf.distribute` splits each global batch across the
+`strategy.num_replicas_in_sync` replicas, so each replica computes on
+`global / num_replicas_in_sync` examples (`per_replica_batch_size` checks the division). Under
+"multi-worker" every worker runs the same input pipeline and `tf.data` auto-sharding gives each
+worker its part of each global batch; for in-memory data (`from_tensor_slices`) set
+`options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA`
+to say so (file-based datasets shard by file). Every worker must see the same number of
+global batches per epoch. On TPUs batch with `drop_remainder=True` (static shapes).
+"""
+
+import functools
+import glob
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import tensorflow as tf
+
+STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker", "tpu")
+
+# Non-chief workers write into run_dir/WORKER_TEMP/<task_type>-<task_index>/ (see worker_dir).
+WORKER_TEMP = ".worker_temp"
+
+# Device files of a TPU attached to this VM: /dev/accel* (TPU v2-v4), /dev/vfio/<n> (v5e and
+# later). Seeing one is what lets "auto" try TPUClusterResolver(tpu="local") (no network).
+_LOCAL_TPU_GLOBS = ("/dev/accel*", "/dev/vfio/[0-9]*")
+
+_TF_CONFIG_EXAMPLE = (
+    'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+    '"task": {"type": "worker", "index": 0}}\'')
+_TF_CONFIG_HELP = (
+    "Set TF_CONFIG on every worker before starting it, with the same cluster everywhere and "
+    f"each worker's own task, e.g. {_TF_CONFIG_EXAMPLE} on host1 and the same with "
+    '"index": 1 on host2 (an optional "chief" job of one address may replace worker 0). See '
+    "https://www.tensorflow.org/guide/distributed_training"
+    "#setting_up_the_tf_config_environment_variable")
+
+
+def make_strategy(name="auto", *, tpu_address=None, cpu_devices=None):
+    """Creates the `tf.distribute.Strategy` called `name` (one of `STRATEGIES`).
+
+    Call it at the start of the program, before building models or datasets: "multi-worker"
+    and `cpu_devices` configure TensorFlow's runtime, which is only possible before it starts.
+
+    Args:
+        name: "auto", "one-device", "mirrored", "multi-worker" or "tpu" (see the module doc).
+        tpu_address: for "tpu"/"auto": the TPU name or grpc://host:port address (else
+            `TPU_NAME`, else a TPU attached to this VM).
+        cpu_devices: for "mirrored" only: split the CPU into this many logical devices and
+            mirror over them (replicas on one CPU, for tests and demos without GPUs).
+
+    Returns:
+        A `tf.distribute.Strategy`.
+
+    Raises:
+        ValueError: an unknown name, an option the strategy does not take, or a missing or
+            malformed `TF_CONFIG` for "multi-worker".
+        RuntimeError: TensorFlow was already initialised (cpu_devices, "multi-worker"), or
+            "tpu" without any TPU to connect to.
+    """
+    import keras
+
+    key = str(name).strip().lower().replace("_", "-")
+    if key not in STRATEGIES:
+        raise ValueError(f"Unknown distribution strategy {name!r}; choose one of "
+                         f"{', '.join(STRATEGIES)}.")
+    if keras.backend.backend() != "tensorflow":
+        raise ValueError(
+            f"tf.distribute strategies drive Keras' TensorFlow backend, but Keras runs on "
+            f"{keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow before importing keras.")
+    if cpu_devices is not None and key != "mirrored":
+        raise ValueError(f"cpu_devices={cpu_devices} applies to the 'mirrored' strategy only, "
+                         f"not {key!r}.")
+    if tpu_address and key not in ("tpu", "auto"):
+        raise ValueError(f"tpu_address applies to the 'tpu' and 'auto' strategies, not {key!r}.")
+
+    if key == "auto":
+        target = _tpu_target(tpu_address)
+        if target == "local":
+            # Guessed from device files alone (/dev/vfio/<n> can also be a GPU passed through
+            # to a VM): if no TPU answers, say so and go on without one.
+            try:
+                return _tpu_strategy(target)
+            except Exception as e:  # noqa: BLE001 - any failure means "no usable local TPU"
+                warnings.warn(f"make_strategy('auto'): found {_local_tpu_devices()} but could "
+                              f"not start a TPU on them ({type(e).__name__}: {e}); using "
+                              "GPUs/CPU instead. Pass 'tpu' to make that an error.")
+        elif target is not None:
+            return _tpu_strategy(target)
+        gpus = tf.config.list_physical_devices("GPU")
+        if len(gpus) > 1:
+            return tf.distribute.MirroredStrategy()
+        return tf.distribute.get_strategy()
+    if key == "one-device":
+        device = "/gpu:0" if tf.config.list_physical_devices("GPU") else "/cpu:0"
+        return tf.distribute.OneDeviceStrategy(device)
+    if key == "mirrored":
+        if cpu_devices is None:
+            return tf.distribute.MirroredStrategy()
+        devices = _split_cpu(cpu_devices)
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if key == "multi-worker":
+        check_tf_config()
+        try:
+            strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        except RuntimeError as e:
+            raise RuntimeError(
+                "make_strategy('multi-worker') must run before TensorFlow starts its runtime "
+                "(before any TensorFlow op, model, dataset or device listing in this process): "
+                f"MultiWorkerMirroredStrategy could not configure collective ops ({e}). Call "
+                "it first thing in the program.") from e
+        fix_keras_20585()
+        return strategy
+    target = _tpu_target(tpu_address)
+    if target is None:
+        raise RuntimeError(
+            "make_strategy('tpu') found no TPU: no tpu_address was given, TPU_NAME is not set "
+            f"and this machine has no TPU device ({', '.join(_LOCAL_TPU_GLOBS)}). Pass the "
+            "TPU's name or grpc://host:port address, or run on a TPU VM.")
+    return _tpu_strategy(target)
+
+
+def check_tf_config(environ=None):
+    """Parses and checks `TF_CONFIG` for "multi-worker"; returns it as a dict.
+
+    Raises:
+        ValueError: TF_CONFIG is missing or malformed; the message says what to set.
+    """
+    environ = os.environ if environ is None else environ
+    raw = environ.get("TF_CONFIG", "")
+    if not raw.strip():
+        raise ValueError(
+            "The 'multi-worker' strategy (MultiWorkerMirroredStrategy) needs the TF_CONFIG "
+            "environment variable, which tells each worker the cluster and its own place in "
+            f"it, and TF_CONFIG is not set. {_TF_CONFIG_HELP}")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"TF_CONFIG is not valid JSON ({e}): {raw!r}. {_TF_CONFIG_HELP}") from e
+
+    def bad(what):
+        return ValueError(f"TF_CONFIG {what}: {raw!r}. {_TF_CONFIG_HELP}")
+
+    if not isinstance(config, dict):
+        raise bad("must be a JSON object with 'cluster' and 'task'")
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise bad("has no 'cluster' (a mapping of job name to a list of host:port addresses)")
+    if "worker" not in cluster and "chief" not in cluster:
+        raise bad("has no 'worker' (or 'chief') job in its 'cluster'")
+    for job in cluster:
+        if job not in ("chief", "worker"):
+            raise bad(f"has a {job!r} job; MultiWorkerMirroredStrategy takes only 'chief' and "
+                      "'worker' jobs ('ps' belongs to ParameterServerStrategy, which keras-vit "
+                      "does not use)")
+        addresses = cluster[job]
+        if (not isinstance(addresses, list) or not addresses
+                or not all(isinstance(a, str) and ":" in a for a in addresses)):
+            raise bad(f"job {job!r} must be a non-empty list of 'host:port' strings")
+    if len(cluster.get("chief", [])) > 1:
+        raise bad("has more than one 'chief' address")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise bad("has no 'task' with this worker's 'type' and 'index'")
+    if task["type"] not in cluster:
+        raise bad(f"task type {task['type']!r} is not a job of the cluster")
+    index = task["index"]
+    if not isinstance(index, int) or isinstance(index, bool) or not (
+            0 <= index < len(cluster[task["type"]])):
+        raise bad(f"task index {index!r} is not in 0..{len(cluster[task['type']]) - 1} "
+                  f"for job {task['type']!r}")
+    return config
+
+
+def is_chief(strategy=None):
+    """Whether this process writes the final artefacts (model, config, summaries).
+
+    True on every single-process strategy. Under MultiWorkerMirroredStrategy, the task of
+    type "chief", or worker 0 when the cluster has no "chief" job. Every worker still takes
+    part in training and in every save (saving may run collective ops); see `worker_dir`.
+    """
+    task = _cluster_task(strategy)
+    if task is None:
+        return True
+    task_type, task_id, jobs = task
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in jobs
+
+
+def worker_dir(run_dir, strategy=None):
+    """The folder this worker writes its checkpoints, backups and saved files into.
+
+    `run_dir` itself on the chief; on any other worker a folder of its own,
+    `run_dir/.worker_temp/<task_type>-<index>`, created here. As the TensorFlow multi-worker
+    guide recommends, every worker runs the same save calls (`model.save`, `save_weights`,
+    `BackupAndRestore`, ...), since saving a distributed model may need all workers; only the
+    chief's copy lands in the run folder, and workers never overwrite each other's files on a
+    shared filesystem. A backup folder here survives a restart of its worker (the path is
+    fixed, not random), so `keras.callbacks.BackupAndRestore(worker_dir(run_dir, s) / "backup")`
+    restores every worker. Call `remove_worker_dir` once training and saving are done.
+    """
+    path = _worker_path(run_dir, strategy)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_worker_dir(run_dir, strategy=None):
+    """Deletes this worker's `worker_dir` on a non-chief worker; does nothing on the chief.
+
+    Returns the folder removed, or None.
+    """
+    if is_chief(strategy):
+        return None
+    path = _worker_path(run_dir, strategy)
+    shutil.rmtree(path, ignore_errors=True)
+    try:  # the shared parent goes with its last worker; another may still be using it
+        path.parent.rmdir()
+    except OSError:
+        pass
+    return path
+
+
+def per_replica_batch_size(global_batch_size, strategy=None):
+    """`global_batch_size / strategy.num_replicas_in_sync`, checked.
+
+    Batch the dataset with the global size: each step of `model.fit` consumes one global
+    batch and each replica computes on its share.
+
+    Raises:
+        ValueError: the global batch does not split evenly across the replicas.
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    replicas = int(strategy.num_replicas_in_sync)
+    global_batch_size = int(global_batch_size)
+    if global_batch_size < 1 or global_batch_size % replicas:
+        lower = max(global_batch_size // replicas, 1) * replicas
+        raise ValueError(
+            f"The global batch size {global_batch_size} does not split evenly across the "
+            f"{replicas} replicas of {type(strategy).__name__}: each replica takes global / "
+            f"{replicas} examples per step. Use a multiple of {replicas}, e.g. "
+            f"{sorted({lower, lower + replicas})}.")
+    return global_batch_size // replicas
+
+
+def describe(strategy=None):
+    """One line for logs: the strategy, its replicas, and this worker's role."""
+    strategy = strategy or tf.distribute.get_strategy()
+    name = type(strategy).__name__
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        name = "MultiWorkerMirroredStrategy"  # not its class name, CollectiveAllReduceStrategy
+    text = f"{name} with {strategy.num_replicas_in_sync} replica(s)"
+    task = _cluster_task(strategy)
+    if task is not None:
+        task_type, task_id, jobs = task
+        workers = sum(len(v) for v in jobs.values())
+        text += (f"; this is {task_type} {task_id} of {workers} workers"
+                 f"{' (chief)' if is_chief(strategy) else ''}")
+    return text
+
+
+def _worker_path(run_dir, strategy):
+    if is_chief(strategy):
+        return Path(run_dir)
+    task_type, task_id, _ = _cluster_task(strategy)
+    return Path(run_dir) / WORKER_TEMP / f"{task_type}-{task_id}"
+
+
+def _cluster_task(strategy):
+    """(task_type, task_id, {job: addresses}) of a multi-worker strategy, else None."""
+    strategy = strategy or tf.distribute.get_strategy()
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or getattr(resolver, "task_type", None) is None:
+        return None
+    if isinstance(resolver, tf.distribute.cluster_resolver.TPUClusterResolver):
+        return None  # one client drives the TPU; its cluster_spec() may call the Cloud TPU API
+    jobs = resolver.cluster_spec().as_dict()
+    if not jobs:
+        return None
+    return resolver.task_type, int(resolver.task_id), jobs
+
+
+def _split_cpu(n):
+    """Splits the physical CPU into `n` logical devices; returns their names."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"cpu_devices must be a positive integer, got {n!r}.")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if (current is None and n > 1) or (current is not None and len(current) != n):
+        try:
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+        except RuntimeError as e:
+            have = len(tf.config.list_logical_devices("CPU"))
+            raise RuntimeError(
+                f"make_strategy('mirrored', cpu_devices={n}) has to split the CPU into {n} "
+                "logical devices before TensorFlow initialises its devices, and in this process "
+                f"TensorFlow has already initialised them ({have} logical CPU device(s)): any "
+                "TensorFlow op, model or dataset creation, or tf.config.list_logical_devices() "
+                "does that. Call make_strategy first thing in the program, or run in a fresh "
+                "process.") from e
+    names = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(names) < n:
+        raise RuntimeError(f"Asked for {n} logical CPU devices but TensorFlow has {names}.")
+    return names[:n]
+
+
+def _local_tpu_devices():
+    return sorted(p for pattern in _LOCAL_TPU_GLOBS for p in glob.glob(pattern))
+
+
+def _tpu_target(tpu_address=None, environ=None):
+    """What to give TPUClusterResolver, judged without any network call; None: no TPU.
+
+    An explicit address wins, then TPU_NAME, then "local" when this VM has a TPU device file.
+    TPUClusterResolver() with none of these would query the GCE metadata server, which on a
+    machine outside Google Cloud means network time-outs; "auto" must not do that.
+    """
+    environ = os.environ if environ is None else environ
+    if tpu_address:
+        return str(tpu_address)
+    if environ.get("TPU_NAME"):
+        return environ["TPU_NAME"]
+    if _local_tpu_devices():
+        return "local"
+    return None
+
+
+def _tpu_strategy(target):
+    resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=target)
+    if target != "local":  # a remote TPU (a TPU node): this process is its client
+        tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+# --------------------------------------------------------------------------------------------
+# keras-team/keras#20585 (also tensorflow/tensorflow#72388): model.fit under
+# MultiWorkerMirroredStrategy fails in Keras 3.
+
+_FIX_MARK = "_keras_vit_fix_keras_20585"
+
+# sha256 of inspect.getsource() of the two Keras 3.15.1 functions the fix wraps. Checked by
+# tests/test_distribute.py, so that a Keras upgrade that touches them fails a test.
+KERAS_20585_SOURCES = {
+    "TensorFlowTrainer._maybe_symbolic_build":
+        "92a504f5eba9b29f81f1bf26180bdd5bf5186b06b7bda426534b90d2d02bc1c2",
+    "reduce_per_replica":
+        "2e7d54b1e6edc29a8c6a7e6b66cd4c8be3ba7842412c93753ac3afe169fa7fb8",
+}
+
+# What the fix relies on in those functions, checked each time it is applied: the two buggy
+# calls it replaces, and the paths it delegates to.
+_KERAS_20585_NEEDS = {
+    "TensorFlowTrainer._maybe_symbolic_build": (
+        "(self, iterator=None, data_batch=None)",
+        "if iterator is not None:",
+        "self.distribute_strategy.reduce(",
+        "self._symbolic_build(data_batch=data_batch)",
+    ),
+    "reduce_per_replica": (
+        "(values, strategy, reduction)",
+        "if _collective_all_reduce_multi_worker(strategy):",
+        'return strategy.reduce("MEAN", v, axis=0)',
+    ),
+}
+
+
+def fix_keras_20585():
+    """Makes `model.fit`/`evaluate` work under MultiWorkerMirroredStrategy on Keras 3.15.
+
+    (`model.predict` works without it: it reduces with "concat", which Keras handles.)
+
+    keras-team/keras#20585, tensorflow/tensorflow#72388: with two or more workers, Keras 3's
+    TensorFlow trainer (keras/src/backend/tensorflow/trainer.py) fails twice:
+
+    1. `TensorFlowTrainer._maybe_symbolic_build` takes the first distributed batch, a nest
+       such as `(PerReplica(images), PerReplica(labels))`, and calls
+       `strategy.reduce("MEAN", batch, axis=None)` on the whole nest. `Strategy.reduce` takes
+       one value, not a nest; single-worker strategies treat the nest as a non-distributed
+       value and hand it back unchanged, but MultiWorkerMirroredStrategy with several workers
+       (CollectiveAllReduceExtended._reduce_to) passes it to its cross-worker all-reduce, which
+       fails: "Attempt to convert a value (PerReplica:{...}) with an unsupported type".
+       The batch is only used for its shapes and dtypes (to build the model symbolically), so
+       the fix gives Keras this worker's first local replica's batch instead; no cross-worker
+       all-reduce of a whole batch of images.
+    2. `reduce_per_replica(..., reduction="auto")`, applied inside the train/test step to the
+       logs (scalar metric results), takes the multi-worker branch
+       `strategy.reduce("MEAN", v, axis=0)`: axis 0 of a scalar does not exist ("Invalid
+       reduction dimension 0 for input with 0 dimensions"). The fix reduces with `axis=None`,
+       the element-wise mean across replicas, which is what the single-worker branch of the
+       same function computes (`tf.reduce_mean(local_results, axis=0)`).
+
+    Only multi-worker MultiWorkerMirroredStrategy (Keras' own
+    `_collective_all_reduce_multi_worker(strategy)` test) takes the new paths; every other
+    strategy and reduction still runs Keras' code unchanged. Both wrappers delegate to the
+    originals. Idempotent: a second call changes nothing.
+
+    Returns:
+        True if this call patched Keras, False if the fix was already in place.
+
+    Raises:
+        RuntimeError: Keras changed the code this fix relies on (check whether the bug is
+            fixed upstream; tests/test_distribute.py tells).
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    cls = tf_trainer.TensorFlowTrainer
+    changed = False
+    if not getattr(cls._maybe_symbolic_build, _FIX_MARK, False):
+        _check_keras_20585_target("TensorFlowTrainer._maybe_symbolic_build",
+                                  cls._maybe_symbolic_build)
+        original_build = cls._maybe_symbolic_build
+
+        @functools.wraps(original_build)
+        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+            strategy = self._distribute_strategy
+            if (iterator is not None and strategy is not None
+                    and tf_trainer._collective_all_reduce_multi_worker(strategy)):
+                # Same first batch Keras takes, but one local replica's share of it.
+                for _, _, it in iterator:
+                    data_batch = tree.map_structure(
+                        lambda v: (strategy.experimental_local_results(v)[0]
+                                   if isinstance(v, tf.distribute.DistributedValues) else v),
+                        next(it))
+                    break
+                iterator = None
+            return original_build(self, iterator=iterator, data_batch=data_batch)
+
+        setattr(_maybe_symbolic_build, _FIX_MARK, True)
+        cls._maybe_symbolic_build = _maybe_symbolic_build
+        changed = True
+
+    if not getattr(tf_trainer.reduce_per_replica, _FIX_MARK, False):
+        _check_keras_20585_target("reduce_per_replica", tf_trainer.reduce_per_replica)
+        original_reduce = tf_trainer.reduce_per_replica
+
+        @functools.wraps(original_reduce)
+        def reduce_per_replica(values, strategy, reduction):
+            if (reduction in ("auto", "mean")
+                    and tf_trainer._collective_all_reduce_multi_worker(strategy)):
+                return tree.map_structure(
+                    lambda v: None if v is None else strategy.reduce("MEAN", v, axis=None),
+                    values)
+            return original_reduce(values, strategy, reduction)
+
+        setattr(reduce_per_replica, _FIX_MARK, True)
+        # The train/test/predict step functions look the name up in the module when traced.
+        tf_trainer.reduce_per_replica = reduce_per_replica
+        changed = True
+    return changed
+
+
+def keras_20585_sources():
+    """{name: sha256} of the Keras functions `fix_keras_20585` wraps (the originals)."""
+    from keras.src.backend.tensorflow import trainer as tf_trainer
+
+    cls = tf_trainer.TensorFlowTrainer
+    functions = {"TensorFlowTrainer._maybe_symbolic_build": cls._maybe_symbolic_build,
+                 "reduce_per_replica": tf_trainer.reduce_per_replica}
+    return {name: hashlib.sha256(inspect.getsource(inspect.unwrap(f)).encode()).hexdigest()
+            for name, f in functions.items()}
+
+
+def _check_keras_20585_target(name, function):
+    import keras
+
+    source = inspect.getsource(function)
+    missing = [s for s in _KERAS_20585_NEEDS[name] if s not in source]
+    if missing:
+        raise RuntimeError(
+            f"keras_vit.distribute.fix_keras_20585 patches Keras 3.15's {name}, and Keras "
+            f"{keras.__version__} changed it (no longer has {missing}). Check whether "
+            "keras-team/keras#20585 (model.fit under MultiWorkerMirroredStrategy) is fixed "
+            "upstream (tests/test_distribute.py runs the unpatched reproduction), then update "
+            "or drop the fix.")
