@@ -133,8 +133,8 @@ def choose_run_dir(config):
             return candidate, False
         previous = json.loads(config_path.read_text())
         if not previous.get("finished"):
-            mismatched = {k: (previous.get(k), config[k]) for k in RESUME_KEYS
-                          if previous.get(k) != config[k]}
+            mismatched = {k: (previous.get(k), config.get(k)) for k in RESUME_KEYS
+                          if previous.get(k) != config.get(k)}
             if mismatched:
                 detail = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in mismatched.items())
                 raise SystemExit(
@@ -265,7 +265,7 @@ def train(config):
     print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
           f"on {config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
           f"validation / {data.sizes['test']} test, {num_classes} classes), "
-          f"{replicas} replica(s) under {type(strategy).__name__}, {precision}, "
+          f"{distribute.describe(strategy)}, {precision}, "
           f"XLA {'on' if jit else 'off'}", flush=True)
 
     with strategy.scope():
@@ -333,6 +333,7 @@ def train(config):
     loss, accuracy = model.evaluate(test_ds, verbose=0)
     summary = {"test_accuracy": float(accuracy), "test_loss": float(loss),
                "steps": int(model.optimizer.iterations.numpy()),
+               "weights_fingerprint": weights_fingerprint(model),
                "train_seconds": round(time.time() - start, 1)}
     # Every worker saves (saving may need all of them); only the chief's copy is the run's.
     config.update(finished=True, result=summary)
@@ -350,9 +351,27 @@ def train(config):
             summary["exported"] = str(export_dir)
     print(f"\nrun: {run_dir}")
     print(f"time: {time.time() - start:.0f} s")
+    # The same on every worker of a multi-worker run (they train one model in lockstep).
+    print(f"weights fingerprint: {summary['weights_fingerprint']}")
     print(f"test loss: {loss:.4f}")
     print(f"test accuracy: {accuracy:.4f}")
     return 0, summary
+
+
+def weights_fingerprint(model):
+    """The first 16 hex digits of a SHA-256 over the model's weights (dtypes, shapes and
+    values, in `model.get_weights()` order): equal for equal weights, e.g. on every worker of
+    a multi-worker run, and for the run's model.keras loaded again."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        weight = np.ascontiguousarray(weight)
+        digest.update(f"{weight.dtype.str}{weight.shape}".encode())
+        digest.update(weight.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _samples(data, num_classes, calibration=256, test_cap=2000):
