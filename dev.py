@@ -33,7 +33,7 @@ def set_up():
     print("Installing keras-vit and its dependencies (first run takes a few minutes) ...",
           flush=True)
     subprocess.run([str(BIN / "python"), "-m", "pip", "install", "--quiet",
-                    "--disable-pip-version-check", "-e", f"{ROOT}[test,tflite]"], check=True)
+                    "--disable-pip-version-check", "-e", f"{ROOT}[test,tflite,onnx]"], check=True)
     STAMP.write_text(wanted)
 
 

@@ -217,3 +217,26 @@ def test_augmentation_keeps_range_and_mixes_labels():
     plain, plain_labels = make_augmenter(AugmentConfig(flip=False), 4)(images, labels)
     np.testing.assert_allclose(plain, tf.cast(images, tf.float32) / 127.5 - 1, atol=1e-6)
     np.testing.assert_array_equal(plain_labels, tf.one_hot(labels, 4))
+
+
+def test_fine_tunes_a_checkpoint_at_a_new_resolution_with_the_sgd_preset(tmp_path):
+    import keras_vit
+
+    # A checkpoint in the original .npz layout at 8x8 (a 2x2 grid), 1000 classes.
+    source = keras_vit.build("Ti/16", image_size=8, patch_size=4, depth=1)
+    keras_vit.checkpoints.save_npz(source, tmp_path / "ckpt.npz")
+    out = tmp_path / "finetuned"
+    result = subprocess.run(
+        [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out), "--variant", "Ti/16",
+         "--image-size", "16", "--patch-size", "4", "--depth", "1", "--epochs", "1",
+         "--batch-size", "64", "--weights", str(tmp_path / "ckpt.npz"), "--preset", "finetune",
+         "--jit-compile", "off", "--no-export", "--verbose", "0"],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["optimizer"] == "sgd" and config["weight_decay"] == 0.0
+    model = keras.saving.load_model(out / "model.keras")
+    # The 2x2 grid was resampled to 4x4; the 1000-class head was replaced by a 10-class one.
+    assert model.get_layer("patch_encoder").pos_embedding.shape == (1, 17, 192)
+    assert model.output_shape == (None, 10)
