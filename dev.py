@@ -4,7 +4,7 @@
     python3 dev.py run [train flags]   # set up, then train + evaluate + export on the embedded data
     python3 dev.py test [pytest args]  # set up, then run the test suite
 
-Set-up makes `.venv/` and installs this package with its test and TFLite extras;
+Set-up makes `.venv/` and installs this package with its test, TFLite, ONNX and TF Serving client extras;
 it is skipped when `pyproject.toml` has not changed since the last install.
 """
 
@@ -33,7 +33,7 @@ def set_up():
     print("Installing keras-vit and its dependencies (first run takes a few minutes) ...",
           flush=True)
     subprocess.run([str(BIN / "python"), "-m", "pip", "install", "--quiet",
-                    "--disable-pip-version-check", "-e", f"{ROOT}[test,tflite,onnx]"], check=True)
+                    "--disable-pip-version-check", "-e", f"{ROOT}[test,tflite,onnx,serving]"], check=True)
     STAMP.write_text(wanted)
 
 

@@ -343,11 +343,15 @@ def train(config):
     if chief:
         save_curves(work_dir / "history.csv", run_dir / "curves.png")
         if not config["no_export"]:
-            from keras_vit.export import export_run, format_report
+            from keras_vit.export import ExportVerificationError, export_run
 
             export_dir = config["export_dir"] or Path("exported") / run_dir.name
-            report = export_run(run_dir, export_dir)
-            print(format_report(report))
+            try:
+                export_run(run_dir, export_dir)  # prints its verification table
+            except ExportVerificationError as err:
+                print(f"\n{err}\nThe trained model is safe in {run_dir}; export it again with "
+                      f"`keras-vit export {run_dir} --out {export_dir}`.", file=sys.stderr)
+                return 4, summary
             summary["exported"] = str(export_dir)
     print(f"\nrun: {run_dir}")
     print(f"time: {time.time() - start:.0f} s")

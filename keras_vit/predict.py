@@ -1,0 +1,246 @@
+"""`keras-vit predict MODEL IMAGES...`: top-5 classes from any exported or trained model.
+
+MODEL is one of
+  exported/NAME/1             a SavedModel (its serving_default signature decodes the files)
+  exported/NAME               the newest SavedModel version inside
+  exported/NAME/NAME_int8.tflite (or any .tflite), run with the LiteRT runtime
+  runs/NAME/model.keras       a Keras model (or the run folder runs/NAME)
+  exported/NAME/NAME.onnx     with onnxruntime installed (the `onnx` extra)
+IMAGES are JPEG, PNG, BMP or GIF files, or folders of them (searched recursively).
+Class names come from the model (SavedModel), labels.txt beside the file, the run's
+config.json, or --labels.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+class NotAnImageError(ValueError):
+    """A path given as an image is not a JPEG, PNG, BMP or GIF file that decodes."""
+
+
+# --- images ------------------------------------------------------------------------------
+
+def collect_images(inputs):
+    """Files and folders -> a sorted list of image paths (folders searched recursively for
+    .jpg/.jpeg/.png/.bmp/.gif). Raises FileNotFoundError / NotAnImageError saying which."""
+    paths = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*")
+                           if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            if not found:
+                raise NotAnImageError(f"{p} is a folder with no JPEG, PNG, BMP or GIF files "
+                                      f"(looked for {', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return paths
+
+
+def read_image(path):
+    """Returns (encoded bytes, decoded uint8 RGB (h, w, 3)) of one file, decoded with the
+    decoder the SavedModel uses; raises NotAnImageError for anything else."""
+    import tensorflow as tf
+
+    from keras_vit.export._graph import is_image_bytes
+
+    data = Path(path).read_bytes()
+    if not is_image_bytes(data):
+        what = "an empty file" if not data else "not an image"
+        raise NotAnImageError(f"{path} is {what}: expected a JPEG, PNG, BMP or GIF file")
+    try:
+        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    except tf.errors.InvalidArgumentError as e:
+        raise NotAnImageError(f"{path} is not a decodable image (damaged or truncated?): "
+                              f"{e.message.strip().splitlines()[0]}") from None
+    return data, image.numpy()
+
+
+def resize_pixels(image, image_size):
+    """uint8 (h, w, 3) -> float32 (H, W, 3) in [0, 255] at the model size, resized as
+    `keras_vit.preprocess` (and so training and the SavedModel) does."""
+    from keras_vit.export._graph import resize_pixels as resize
+
+    return np.asarray(resize(image, tuple(image_size)))
+
+
+# --- models ------------------------------------------------------------------------------
+
+def _read_labels(path):
+    return [line.rstrip("\n") for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def _labels_near(*folders):
+    for folder in folders:
+        if (folder / "labels.txt").is_file():
+            return _read_labels(folder / "labels.txt")
+        if (folder / "config.json").is_file():
+            names = json.loads((folder / "config.json").read_text()).get("class_names")
+            if names:
+                return [str(c) for c in names]
+    return None
+
+
+class Predictor:
+    """Loads a model file/folder; `predict(paths)` -> per image, a list of (label, score)."""
+
+    def __init__(self, path, labels=None):
+        self.path = Path(path)
+        self.kind, self.model_path = _resolve(self.path)
+        self._labels = _read_labels(labels) if labels else None
+        self._load()
+
+    def _load(self):
+        if self.kind == "savedmodel":
+            import tensorflow as tf
+
+            loaded = tf.saved_model.load(str(self.model_path))
+            if "serving_default" not in loaded.signatures:
+                raise ValueError(f"{self.model_path} has no serving_default signature; "
+                                 "export it with `keras-vit export`")
+            self._loaded = loaded  # keeps the variables alive
+            self._fn = loaded.signatures["serving_default"]
+            self.class_names = self._labels or _labels_near(self.model_path.parent)
+            self.image_size = None
+        elif self.kind == "tflite":
+            from keras_vit.export._tflite import LiteRTModel, quiet_stderr
+
+            with quiet_stderr():
+                self._model = LiteRTModel(self.model_path)
+            self.image_size = self._model.image_size
+            self.class_names = self._labels or _labels_near(self.model_path.parent)
+        elif self.kind == "onnx":
+            from keras_vit.export._onnx import OnnxModel, require_onnx
+
+            require_onnx()
+            self._model = OnnxModel(self.model_path)
+            self.image_size = self._model.image_size
+            self.class_names = self._labels or _labels_near(self.model_path.parent)
+        else:  # keras
+            import keras
+
+            import keras_vit  # noqa: F401  registers the layers
+
+            self._model = keras.saving.load_model(self.model_path)
+            self.image_size = tuple(int(s) for s in self._model.inputs[0].shape[1:3])
+            self.class_names = self._labels or _labels_near(self.model_path.parent)
+
+    def describe(self):
+        return {"savedmodel": "SavedModel, serving_default signature",
+                "tflite": "TFLite, LiteRT runtime", "onnx": "ONNX, onnxruntime",
+                "keras": "Keras model"}[self.kind]
+
+    def _label(self, i):
+        names = self.class_names
+        return names[i] if names and i < len(names) else f"class_{i}"
+
+    def probabilities(self, images):
+        """Decoded uint8 images (any sizes) -> probabilities [n, classes] (not SavedModel)."""
+        pixels = np.stack([resize_pixels(im, self.image_size) for im in images])
+        if self.kind == "tflite":
+            from keras_vit.export._tflite import quiet_stderr
+
+            with quiet_stderr():  # XNNPACK's start-up line
+                return self._model(pixels)
+        if self.kind == "onnx":
+            return self._model(pixels)
+        import keras
+
+        from keras_vit.preprocessing import preprocess
+
+        logits = self._model(preprocess(pixels), training=False)
+        return np.asarray(keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1))
+
+    def predict(self, paths, top_k=5, batch_size=32):
+        """Top-k (label, score) per image path, in order. Every path is read and checked
+        before any is run, so a bad file fails fast with its name."""
+        return self.predict_decoded([read_image(p) for p in paths], top_k, batch_size)
+
+    def predict_decoded(self, decoded, top_k=5, batch_size=32):
+        """Like `predict`, for `read_image` results: [(encoded bytes, uint8 image)]."""
+        results = []
+        for start in range(0, len(decoded), batch_size):
+            batch = decoded[start:start + batch_size]
+            if self.kind == "savedmodel":
+                import tensorflow as tf
+
+                out = self._fn(image_bytes=tf.constant([data for data, _ in batch]))
+                scores = out["top_k_scores"].numpy()[:, :top_k]
+                labels = out["top_k_labels"].numpy()[:, :top_k]
+                results += [[(lab.decode("utf-8"), float(s)) for lab, s in zip(row_l, row_s)]
+                            for row_l, row_s in zip(labels, scores)]
+            else:
+                probs = self.probabilities([image for _, image in batch])
+                order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+                results += [[(self._label(int(i)), float(p[i])) for i in row]
+                            for p, row in zip(probs, order)]
+        return results
+
+
+def _resolve(path):
+    """(kind, path to load) for a model path; raises ValueError saying what is accepted."""
+    if path.is_file():
+        kind = {".tflite": "tflite", ".keras": "keras", ".onnx": "onnx"}.get(path.suffix.lower())
+        if kind:
+            return kind, path
+    elif path.is_dir():
+        if (path / "saved_model.pb").is_file():
+            return "savedmodel", path
+        versions = [d for d in path.iterdir()
+                    if d.is_dir() and d.name.isdigit() and (d / "saved_model.pb").is_file()]
+        if versions:
+            return "savedmodel", max(versions, key=lambda d: int(d.name))
+        if (path / "model.keras").is_file():
+            return "keras", path / "model.keras"
+    else:
+        raise FileNotFoundError(f"{path}: no such model file or folder")
+    raise ValueError(f"{path} is not a model keras-vit can run: give a SavedModel folder "
+                     "(exported/NAME/1 or exported/NAME), a .tflite, .keras or .onnx file, "
+                     "or a run folder (runs/NAME)")
+
+
+# --- CLI ---------------------------------------------------------------------------------
+
+def add_arguments(parser):
+    parser.add_argument("model", help="SavedModel folder (exported/NAME/1 or exported/NAME), "
+                                      ".tflite, .keras or .onnx file, or a run folder")
+    parser.add_argument("images", nargs="+",
+                        help="JPEG/PNG/BMP/GIF files or folders of them")
+    parser.add_argument("--top-k", type=int, default=5, help="classes to print (default: 5)")
+    parser.add_argument("--labels", help="class names, one a line (default: labels.txt beside "
+                                         "the model, or the run's config.json)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead")
+
+
+def run(args):
+    try:
+        paths = collect_images(args.images)
+        decoded = [read_image(p) for p in paths]  # a bad file fails before the model loads
+        predictor = Predictor(args.model, labels=args.labels)
+        results = predictor.predict_decoded(decoded, top_k=args.top_k,
+                                            batch_size=args.batch_size)
+    except (FileNotFoundError, NotAnImageError, ValueError, ImportError) as e:
+        print(f"keras-vit predict: error: {e}", file=sys.stderr)
+        return 2
+    if not args.json:
+        print(f"{predictor.model_path} ({predictor.describe()})")
+    for path, top in zip(paths, results):
+        if args.json:
+            print(json.dumps({"image": str(path),
+                              "top_k": [{"label": lab, "score": s} for lab, s in top]}))
+            continue
+        print(f"\n{path}")
+        width = max(len(lab) for lab, _ in top)
+        for rank, (label, score) in enumerate(top, 1):
+            print(f"  {rank}. {label:<{width}}  {100 * score:6.2f}%")
+    return 0

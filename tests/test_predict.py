@@ -1,0 +1,129 @@
+"""`keras-vit predict` on SavedModel, TFLite, ONNX and .keras models, files and folders."""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_vit import cli
+from keras_vit.predict import NotAnImageError, Predictor, collect_images
+from tests.test_export import (CLASS_NAMES, HAVE_ONNX, color_images, encode_bmp,
+                               keras_probabilities, shared_export)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    shared = shared_export(tmp_path_factory)  # the export test_export.py checks
+    root, model = tmp_path_factory.mktemp("predict"), shared["model"]
+    images, _ = color_images(4, seed=11)
+    folder = root / "photos"
+    (folder / "more").mkdir(parents=True)
+    big = np.repeat(np.repeat(images[2], 2, axis=0), 3, axis=1)  # 64 x 96: resized
+    files = {
+        folder / "a.png": tf.io.encode_png(images[0]).numpy(),
+        folder / "b.JPG": tf.io.encode_jpeg(images[1], quality=95).numpy(),
+        folder / "more" / "c.png": tf.io.encode_png(big).numpy(),
+        folder / "more" / "d.bmp": encode_bmp(images[3]),
+    }
+    for path, data in files.items():
+        path.write_bytes(data)
+    (folder / "notes.txt").write_text("not an image, and not picked up from a folder")
+    paths = sorted(files)
+    decoded = [tf.io.decode_image(files[p], channels=3).numpy() for p in paths]
+    expected = np.concatenate([keras_probabilities(model, d[None]) for d in decoded])
+    return dict(root=root, run=shared["run"], out=shared["out"], folder=folder, paths=paths,
+                expected=expected)
+
+
+def test_collect_images_walks_folders_and_keeps_explicit_files(setup):
+    found = collect_images([setup["folder"]])
+    assert found == setup["paths"]  # sorted, recursive, any case of extension, no .txt
+    assert collect_images([setup["paths"][1]]) == [setup["paths"][1]]
+
+
+@pytest.mark.parametrize("model_path, kind", [
+    ("out/1", "savedmodel"), ("out", "savedmodel"), ("out/tiny_float32.tflite", "tflite"),
+    pytest.param("out/tiny.onnx", "onnx", marks=pytest.mark.skipif(
+        not HAVE_ONNX, reason="needs the onnx extra: pip install -e '.[onnx]'")),
+    ("run/model.keras", "keras"), ("run", "keras")])
+def test_every_model_kind_gives_the_keras_answers(setup, model_path, kind):
+    base, _, rest = model_path.partition("/")
+    path = setup[base] / rest if rest else setup[base]
+    predictor = Predictor(path)
+    assert predictor.kind == kind
+    results = predictor.predict(setup["paths"], top_k=5)
+    expected = setup["expected"]
+    assert len(results) == 4
+    for top, probs in zip(results, expected):
+        assert len(top) == 3  # top-5 of 3 classes
+        order = np.argsort(-probs)
+        assert [label for label, _ in top] == [CLASS_NAMES[i] for i in order]
+        assert np.abs(np.array([s for _, s in top]) - probs[order]).max() <= 1e-4
+
+
+def test_full_integer_tflite_runs_with_uint8_input(setup):
+    predictor = Predictor(setup["out"] / "tiny_int8.tflite")
+    assert predictor._model.input_dtype == np.uint8
+    results = predictor.predict(setup["paths"])
+    top1 = [top[0][0] for top in results]
+    want = [CLASS_NAMES[i] for i in setup["expected"].argmax(1)]
+    assert sum(a == b for a, b in zip(top1, want)) >= 2
+    for top in results:
+        scores = [s for _, s in top]
+        assert scores == sorted(scores, reverse=True) and 0.9 < sum(scores) < 1.1
+
+
+def test_cli_prints_top5_with_class_names(setup, capsys):
+    assert cli.main(["predict", str(setup["out"] / "1"), str(setup["folder"])]) == 0
+    out = capsys.readouterr().out
+    assert "SavedModel" in out
+    blocks = out.strip().split("\n\n")[1:]
+    assert [b.splitlines()[0] for b in blocks] == [str(p) for p in setup["paths"]]
+    for block, probs in zip(blocks, setup["expected"]):
+        lines = block.splitlines()[1:]
+        assert [line.split()[0] for line in lines] == ["1.", "2.", "3."]
+        assert lines[0].split()[1] == CLASS_NAMES[int(probs.argmax())]
+        assert float(lines[0].split()[2].rstrip("%")) == pytest.approx(100 * probs.max(),
+                                                                        abs=0.01)
+
+
+def test_cli_json_and_top_k(setup, capsys):
+    path = setup["out"] / "tiny_float32.tflite"
+    assert cli.main(["predict", str(path), str(setup["paths"][0]), "--json", "--top-k", "2"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 1 and rows[0]["image"] == str(setup["paths"][0])
+    assert [r["label"] for r in rows[0]["top_k"]] == \
+        [CLASS_NAMES[i] for i in np.argsort(-setup["expected"][0])[:2]]
+
+
+def test_labels_file_overrides(setup, capsys, tmp_path):
+    (tmp_path / "names.txt").write_text("R\nG\nB\n")
+    assert cli.main(["predict", str(setup["out"] / "tiny_float32.tflite"),
+                     str(setup["paths"][0]), "--labels", str(tmp_path / "names.txt")]) == 0
+    best = "RGB"[int(setup["expected"][0].argmax())]
+    assert f"1. {best} " in capsys.readouterr().out
+
+
+def test_errors_are_clear(setup, capsys, tmp_path):
+    model = str(setup["out"] / "tiny_float32.tflite")
+    notes = setup["folder"] / "notes.txt"
+    assert cli.main(["predict", model, str(setup["paths"][0]), str(notes)]) == 2
+    err = capsys.readouterr().err
+    assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in err
+    truncated = tmp_path / "cut.png"
+    truncated.write_bytes(setup["paths"][0].read_bytes()[:70])
+    assert cli.main(["predict", model, str(truncated)]) == 2
+    assert f"{truncated} is not a decodable image" in capsys.readouterr().err
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    assert cli.main(["predict", model, str(tmp_path / "empty.jpg")]) == 2
+    assert "is an empty file" in capsys.readouterr().err
+    assert cli.main(["predict", model, str(tmp_path / "missing.png")]) == 2
+    assert "missing.png: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "nothing").mkdir()
+    assert cli.main(["predict", model, str(tmp_path / "nothing")]) == 2
+    assert "folder with no JPEG, PNG, BMP or GIF files" in capsys.readouterr().err
+    assert cli.main(["predict", str(notes), str(setup["paths"][0])]) == 2
+    assert "is not a model keras-vit can run" in capsys.readouterr().err
+    with pytest.raises(NotAnImageError):
+        Predictor(model).predict([notes])
