@@ -39,7 +39,10 @@ class PatchEncoder(keras.layers.Layer):
             initializer=keras.initializers.RandomNormal(stddev=0.02))
 
     def call(self, patches):
-        x = ops.matmul(patches, self.kernel) + self.bias
+        # One 2D matmul over every patch of the batch (a 3D matmul becomes a tensordot).
+        num_patches = patches.shape[1] if patches.shape[1] is not None else ops.shape(patches)[1]
+        x = ops.matmul(ops.reshape(patches, (-1, patches.shape[-1])), self.kernel) + self.bias
+        x = ops.reshape(x, (-1, num_patches, self.width))
         if self.class_token:
             cls = ops.broadcast_to(self.cls, (ops.shape(x)[0], 1, self.width))
             x = ops.concatenate([ops.cast(cls, x.dtype), x], axis=1)

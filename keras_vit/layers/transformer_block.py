@@ -1,4 +1,5 @@
 import keras
+from keras import ops
 
 from keras_vit.layers.attention import MultiHeadSelfAttention
 from keras_vit.layers.drop_path import DropPath
@@ -36,9 +37,14 @@ class MlpBlock(keras.layers.Layer):
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
 
     def call(self, x, training=None):
+        # On (batch * tokens, width) rows: 2D matmuls whose bias add and GELU oneDNN fuses
+        # (a 3D Dense input becomes a tensordot with reshapes between matmul and bias).
+        shape = ops.shape(x)
+        x = ops.reshape(x, (-1, x.shape[-1]))
         x = gelu(self.dense_0(x), self.gelu)
         x = self.dropout(x, training=training)
-        return self.dropout(self.dense_1(x), training=training)
+        x = self.dropout(self.dense_1(x), training=training)
+        return ops.reshape(x, shape)
 
     def compute_output_shape(self, input_shape):
         return input_shape

@@ -1,0 +1,591 @@
+"""`keras-vit benchmark`: images/second and latency of keras-vit against the peers installed here.
+
+Every comparison is measured in one process, interleaved (A, B, A, B ... after a warm-up),
+and reported as medians with the ratio per row (> 1 means keras-vit is better: faster,
+lower latency, less memory). Peers: keras-hub's `ViTBackbone` at the same configuration
+(XLA-compiled, like keras-vit) and Hugging Face's PyTorch `ViTModel` (eager, inference mode)
+where they import. The float32 matmul peak of this machine is measured in the same run
+(a large TensorFlow matmul), so throughput is also given as a fraction of it.
+
+    python scripts/benchmark.py --quick          # about 3 minutes on 2 idle cores
+    python scripts/benchmark.py                  # every row (Ti/S/B-16, batch 1 and 16, ...)
+    python scripts/benchmark.py --rows infer --variants B/16 --batch-sizes 16 --repeats 10
+
+TensorFlow-only module (it times the TensorFlow backend).
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROWS = ("infer", "train", "bf16", "tflite", "memory")
+PEERS = ("keras-hub", "torch")
+# (width, heads, mlp) of the paper's variants; depth 12 and patch 16 for all three.
+CONFIGS = {"Ti/16": (192, 3, 768), "S/16": (384, 6, 1536), "B/16": (768, 12, 3072)}
+# Training: the CIFAR-size configuration of the training issue.
+TRAIN = dict(variant="Ti/16", image_size=32, patch_size=4, depth=6, num_classes=10)
+GOALS = {"infer": 1.15, "train": 1.3, "bf16": 1.6, "tflite": 1.25, "int8": 3.5}
+MEMORY_GOAL_MB = 1200
+
+
+def add_arguments(parser):
+    parser.add_argument("--quick", action="store_true",
+                        help="a short run (Ti/16 inference, training, bf16, TFLite, B/16 memory; "
+                             "few repetitions): about 3 minutes on 2 idle cores")
+    parser.add_argument("--rows", default=None,
+                        help=f"comma-separated rows among {','.join(ROWS)} (default: all)")
+    parser.add_argument("--variants", default=None,
+                        help="inference variants, comma-separated (default Ti/16,S/16,B/16; "
+                             "--quick: Ti/16)")
+    parser.add_argument("--batch-sizes", default="1,16", help="inference batch sizes (default 1,16)")
+    parser.add_argument("--image-size", type=int, default=224, help="inference image size")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="override the encoder depth of every model (for smoke tests)")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"peers to compare with, among {','.join(PEERS)} ('' for none)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed interleaved rounds per row (default 15; --quick 5)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="steps per timed model.fit call (default 8; --quick 4)")
+    parser.add_argument("--train-batch-size", type=int, default=128)
+    parser.add_argument("--train-image-size", type=int, default=TRAIN["image_size"])
+    parser.add_argument("--bf16-variant", default=None,
+                        help="variant of the bfloat16 row (default B/16; --quick Ti/16)")
+    parser.add_argument("--tflite-variant", default=None,
+                        help="variant of the TFLite row (default B/16; --quick Ti/16)")
+    parser.add_argument("--memory-variant", default="B/16")
+    parser.add_argument("--memory-batch-size", type=int, default=16)
+    parser.add_argument("--keras-vit-graph", action="store_true",
+                        help="run keras-vit inference as a TensorFlow graph (oneDNN kernels) "
+                             "instead of XLA-compiled; the peers always run as the table says")
+    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+
+
+# ---------------------------------------------------------------- timing
+
+
+def interleaved(fns, repeats, warmup):
+    """Calls each fn once (compile), then `warmup` untimed and `repeats` timed rounds, the fns
+    taking turns in every round; returns {name: median seconds per call}."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak(n=4096, repeats=5):
+    """Best float32 GFLOP/s of an n x n x n TensorFlow matmul (graph and XLA, best of both)."""
+    import tensorflow as tf
+
+    a = tf.random.normal((n, n))
+    b = tf.random.normal((n, n))
+    best = 0.0
+    for jit in (False, True):
+        fn = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)[:1, :1]), jit_compile=jit)
+        fn(a, b).numpy()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn(a, b).numpy()
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def vit_flops(width, heads, mlp, depth, image_size, patch_size, channels=3, classes=0,
+              class_token=True):
+    """Multiply-add FLOPs (x2) of one image through a ViT forward pass (matmuls only)."""
+    patches = (image_size // patch_size) ** 2
+    tokens = patches + int(class_token)
+    embed = 2 * patches * patch_size * patch_size * channels * width
+    block = (2 * tokens * width * 3 * width      # q, k, v
+             + 2 * 2 * tokens * tokens * width   # logits and weighted sum
+             + 2 * tokens * width * width        # output projection
+             + 2 * 2 * tokens * width * mlp)     # MLP
+    return embed + depth * block + 2 * width * classes
+
+
+# ---------------------------------------------------------------- models
+
+
+def _keras_vit(variant, image_size, depth=None, **kwargs):
+    import keras_vit
+
+    return keras_vit.build(variant, image_size=image_size, depth=depth, **kwargs)
+
+
+def _keras_hub(variant, image_size, depth=None, patch_size=16):
+    from keras_hub.models import ViTBackbone
+
+    width, heads, mlp = CONFIGS[variant]
+    return ViTBackbone(image_shape=(image_size, image_size, 3), patch_size=patch_size,
+                       num_layers=depth or 12, num_heads=heads, hidden_dim=width, mlp_dim=mlp)
+
+
+def _keras_call(model, images, xla=True):
+    """One compiled forward pass: a `tf.function`, XLA-compiled or a TensorFlow graph (whose
+    matmuls, bias adds and GELUs grappler fuses into oneDNN kernels)."""
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False), jit_compile=xla)
+    return lambda: fn(images).numpy()
+
+
+def _torch_vit(variant, image_size, depth=None, patch_size=16):
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    torch.set_num_threads(os.cpu_count())
+    width, heads, mlp = CONFIGS[variant]
+    config = ViTConfig(hidden_size=width, num_hidden_layers=depth or 12, num_attention_heads=heads,
+                       intermediate_size=mlp, image_size=image_size, patch_size=patch_size)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+def _torch_call(model, batch, image_size):
+    import torch
+
+    x = torch.rand(batch, 3, image_size, image_size) * 2 - 1
+
+    def call():
+        with torch.inference_mode():
+            return model(pixel_values=x).last_hidden_state.numpy()
+
+    return call
+
+
+def available_peers(wanted):
+    peers = []
+    for peer in wanted:
+        try:
+            if peer == "keras-hub":
+                import keras_hub  # noqa: F401
+            elif peer == "torch":
+                os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # no spinning between turns
+                import torch  # noqa: F401
+                import transformers  # noqa: F401
+            else:
+                raise ValueError(f"unknown peer {peer!r}; choose among {PEERS}")
+            peers.append(peer)
+        except ImportError as e:
+            print(f"peer {peer} not measured: {e}", flush=True)
+    return peers
+
+
+# ---------------------------------------------------------------- rows
+
+
+class Table:
+    def __init__(self):
+        self.rows = []
+
+    def add(self, work, ours, peer, theirs, ratio, peak=None, goal=None, note=""):
+        met = "" if goal is None or ratio is None else ("met" if ratio >= goal else "missed")
+        row = dict(work=work, keras_vit=ours, peer=peer, peer_value=theirs,
+                   ratio=None if ratio is None else round(ratio, 3), peak=peak,
+                   goal=None if goal is None else f">= {goal}x {met}".strip(), note=note)
+        self.rows.append(row)
+        print("  " + " | ".join(str(v) for v in row.values() if v not in (None, "")), flush=True)
+
+    def print(self, header, file=None):
+        cols = [("work", "work"), ("keras_vit", "keras-vit"), ("peer", "peer"),
+                ("peer_value", "peer value"), ("ratio", "ratio"), ("peak", "kv % peak"),
+                ("goal", "goal"), ("note", "note")]
+        cells = [[("-" if r[k] is None else (f"{r[k]:.2f}x" if k == "ratio" else str(r[k])))
+                  for k, _ in cols] for r in self.rows]
+        widths = [max([len(t)] + [len(c[i]) for c in cells]) for i, (_, t) in enumerate(cols)]
+        line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+        print("\n" + header, file=file)
+        print(line([t for _, t in cols]), file=file)
+        print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
+        for c in cells:
+            print(line(c), file=file)
+        sys.stdout.flush()
+
+
+def _kv_path(args):
+    return "XLA" if args.keras_vit_xla else "TF graph"
+
+
+def _speed(seconds, batch):
+    return f"{batch / seconds:.1f} img/s ({1000 * seconds:.1f} ms)"
+
+
+def row_infer(table, args, peers, peak):
+    import numpy as np
+    import tensorflow as tf
+
+    size = args.image_size
+    for variant in args.variants:
+        width, heads, mlp = CONFIGS[variant]
+        kv = _keras_vit(variant, size, args.depth)
+        models = {"keras-vit": kv}
+        if "keras-hub" in peers:
+            models["keras-hub"] = _keras_hub(variant, size, args.depth)
+        if "torch" in peers:
+            models["torch"] = _torch_vit(variant, size, args.depth)
+        flops = vit_flops(width, heads, mlp, args.depth or 12, size, 16, classes=1000)
+        for batch in args.batch_sizes:
+            images = tf.constant(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)),
+                                 tf.float32)
+            fns = {name: (_torch_call(m, batch, size) if name == "torch" else
+                          _keras_call(m, images, xla=args.keras_vit_xla or name == "keras-hub"))
+                   for name, m in models.items()}
+            work = f"infer f32 {variant} {size}px batch {batch}"
+            # One interleaved pair per peer: a framework's idle worker threads slow the next
+            # call of another, so keras-vit vs keras-hub is not measured alongside PyTorch.
+            for name in models:
+                if name == "keras-vit":
+                    continue
+                t = interleaved({"keras-vit": fns["keras-vit"], name: fns[name]},
+                                args.repeats, args.warmup)
+                ours = t["keras-vit"]
+                pct = f"{100 * flops * batch / ours / 1e9 / peak:.0f}%"
+                label = "keras-hub ViTBackbone (XLA)" if name == "keras-hub" else "HF ViTModel (PyTorch eager)"
+                table.add(work, _speed(ours, batch), label, _speed(t[name], batch), t[name] / ours,
+                          pct, GOALS["infer"] if name == "keras-hub" else None,
+                          f"keras-vit: {_kv_path(args)}")
+            if len(models) == 1:
+                ours = interleaved({"keras-vit": fns["keras-vit"]}, args.repeats, args.warmup)
+                ours = ours["keras-vit"]
+                table.add(work, _speed(ours, batch), "-", None, None,
+                          f"{100 * flops * batch / ours / 1e9 / peak:.0f}%")
+
+
+def _train_data(batch, steps, image_size, classes=10):
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (batch * steps, image_size, image_size, 3)).astype("float32")
+    y = rng.integers(0, classes, (batch * steps,)).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch, drop_remainder=True).cache().repeat(), x, y
+
+
+def _compile_for_fit(model, xla=True):
+    import keras
+
+    model.compile(optimizer=keras.optimizers.AdamW(1e-3, weight_decay=0.05),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=xla)
+    return model
+
+
+def _keras_hub_classifier(image_size, depth, patch_size, classes):
+    import keras
+
+    width, heads, mlp = CONFIGS["Ti/16"]
+    backbone = _keras_hub("Ti/16", image_size, depth, patch_size=patch_size)
+    images = keras.Input((image_size, image_size, 3))
+    tokens = backbone(images)
+    logits = keras.layers.Dense(classes)(tokens[:, 0])
+    return keras.Model(images, logits)
+
+
+def _torch_train_step_fn(image_size, depth, patch_size, batch, classes):
+    import torch
+
+    model = _torch_vit("Ti/16", image_size, depth, patch_size=patch_size).train()
+    head = torch.nn.Linear(CONFIGS["Ti/16"][0], classes)
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05)
+    x = torch.rand(batch, 3, image_size, image_size) * 2 - 1
+    y = torch.randint(0, classes, (batch,))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = head(model(pixel_values=x).last_hidden_state[:, 0])
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return step
+
+
+def row_train(table, args, peers, peak):
+    batch, steps = args.train_batch_size, args.train_steps
+    size = args.train_image_size
+    depth = args.depth or TRAIN["depth"]
+    patch = TRAIN["patch_size"]
+    dataset, _, _ = _train_data(batch, steps, size)
+    def build_kv(xla):
+        return _compile_for_fit(_keras_vit("Ti/16", size, depth, patch_size=patch,
+                                           num_classes=TRAIN["num_classes"]), xla)
+
+    def fit(model):
+        return lambda: model.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
+
+    # keras-vit's fit both ways: a TensorFlow graph (oneDNN) and XLA (jit_compile=True).
+    fns = {"keras-vit TF graph": fit(build_kv(False)), "keras-vit XLA": fit(build_kv(True))}
+    if "keras-hub" in peers:
+        fns["keras-hub"] = fit(_compile_for_fit(
+            _keras_hub_classifier(size, depth, patch, TRAIN["num_classes"])))
+    t = interleaved(fns, args.repeats, args.warmup)
+    if "torch" in peers:  # its own interleaved pair (see row_infer)
+        step = _torch_train_step_fn(size, depth, patch, batch, TRAIN["num_classes"])
+        fns["torch"] = lambda: [step() for _ in range(steps)]
+        torch_pair = interleaved({"keras-vit XLA": fns["keras-vit XLA"], "torch": fns["torch"]},
+                                 args.repeats, args.warmup)
+    width, heads, mlp = CONFIGS["Ti/16"]
+    flops = 3 * vit_flops(width, heads, mlp, depth, size, patch, classes=TRAIN["num_classes"])
+    images = batch * steps
+    work = f"train fit {size}px p{patch} w{width} d{depth} batch {batch}"
+    for ours_name in ("keras-vit TF graph", "keras-vit XLA"):
+        ours = t[ours_name]
+        pct = f"{100 * flops * images / ours / 1e9 / peak:.0f}%"
+        compared = False
+        for name in ("keras-hub", "torch"):
+            if name not in fns or (name == "torch" and ours_name != "keras-vit XLA"):
+                continue
+            if name == "torch":
+                ours = torch_pair["keras-vit XLA"]
+                t["torch"] = torch_pair["torch"]
+                pct = f"{100 * flops * images / ours / 1e9 / peak:.0f}%"
+            label = ("keras-hub ViTBackbone fit (XLA)" if name == "keras-hub"
+                     else "HF ViTModel (PyTorch loop)")
+            table.add(work, _speed(ours, images), label, _speed(t[name], images), t[name] / ours,
+                      pct, GOALS["train"] if name == "keras-hub" else None,
+                      f"keras-vit: {ours_name[10:]}; {steps} steps per timed call")
+            compared = True
+        if not compared:
+            table.add(work, _speed(ours, images), "-", None, None, pct, None,
+                      f"keras-vit: {ours_name[10:]}")
+
+
+def _digit_images(count, size):
+    """Real images for the agreement check: scikit-learn's digits, upscaled to RGB in [-1, 1]."""
+    import numpy as np
+    import tensorflow as tf
+    from sklearn.datasets import load_digits
+
+    digits = load_digits().images[:count].astype("float32") / 16.0
+    x = tf.image.resize(digits[..., None], (size, size), method="bilinear")
+    return tf.constant(np.repeat(x.numpy(), 3, axis=-1) * 2 - 1)
+
+
+def row_bf16(table, args, peers, peak):
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    variant, size, batch = args.bf16_variant, args.image_size, max(args.batch_sizes)
+    f32 = _keras_vit(variant, size, args.depth)
+    rng = np.random.default_rng(0)
+    for w in f32.weights:  # random weights everywhere (the head starts at zeros)
+        w.assign(rng.normal(0, 0.02 if w.path.endswith("kernel") else 0.01, w.shape))
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        bf16 = _keras_vit(variant, size, args.depth)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    bf16.set_weights(f32.get_weights())
+    images = tf.constant(rng.uniform(-1, 1, (batch, size, size, 3)), tf.float32)
+    # bfloat16 runs as a TensorFlow graph: oneDNN's bf16 matmuls (avx512_bf16 / AMX); XLA's CPU
+    # backend has no fast bf16 dots. float32 runs on keras-vit's default path.
+    t = interleaved({"f32": _keras_call(f32, images, args.keras_vit_xla),
+                     "bf16": _keras_call(bf16, images, False)},
+                    args.repeats, args.warmup)
+    real = _digit_images(64, size)
+    top_f32 = np.argmax(f32.predict(real, batch_size=batch, verbose=0), -1)
+    top_bf16 = np.argmax(bf16.predict(real, batch_size=batch, verbose=0), -1)
+    agreement = float(np.mean(top_f32 == top_bf16))
+    table.add(f"infer bf16 {variant} {size}px batch {batch}", _speed(t["bf16"], batch),
+              f"keras-vit float32 ({_kv_path(args)})", _speed(t["f32"], batch), t["f32"] / t["bf16"], None,
+              GOALS["bf16"],
+              f"bf16: TF graph; top-1 agreement {100 * agreement:.1f}% on 64 digits images, "
+              "random weights")
+
+
+def _tflite_bytes(model, size, quantize=False):
+    import tensorflow as tf
+
+    fn = tf.function(lambda x: model(x, training=False),
+                     input_signature=[tf.TensorSpec((1, size, size, 3), tf.float32)])
+    from tensorflow.python.framework.convert_to_constants import (
+        convert_variables_to_constants_v2)
+
+    frozen = convert_variables_to_constants_v2(fn.get_concrete_function())  # weights inside
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if quantize:  # int8 weights (dynamic range quantization)
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    return converter.convert()
+
+
+def row_tflite(table, args, peers, peak):
+    import numpy as np
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+
+    variant, size = args.tflite_variant, args.image_size
+    model = _keras_vit(variant, size, args.depth)
+    f32 = _tflite_bytes(model, size)
+    int8 = _tflite_bytes(model, size, quantize=True)
+    interpreter = Interpreter(model_content=f32, num_threads=os.cpu_count())
+    interpreter.allocate_tensors()
+    inp = interpreter.get_input_details()[0]["index"]
+    out = interpreter.get_output_details()[0]["index"]
+    x = np.random.default_rng(0).uniform(-1, 1, (1, size, size, 3)).astype("float32")
+
+    def lite():
+        interpreter.set_tensor(inp, x)
+        interpreter.invoke()
+        return interpreter.get_tensor(out)
+
+    t = interleaved({"tflite": lite, "keras": _keras_call(model, tf.constant(x), args.keras_vit_xla)},
+                    args.repeats, args.warmup)
+    table.add(f"TFLite f32 {variant} {size}px batch 1 latency", f"{1000 * t['tflite']:.1f} ms",
+              f"keras-vit Keras path ({_kv_path(args)})", f"{1000 * t['keras']:.1f} ms",
+              t["keras"] / t["tflite"], None, GOALS["tflite"],
+              "XNNPACK, ai_edge_litert; ratio 1.25x = latency 0.8x")
+    table.add(f"TFLite int8 {variant} file size", f"{len(int8) / 1e6:.1f} MB",
+              "TFLite float32 file", f"{len(f32) / 1e6:.1f} MB", len(f32) / len(int8), None,
+              GOALS["int8"], "dynamic-range int8 weights")
+
+
+_MEMORY_CHILD = r"""
+import os, resource, sys, json
+
+
+def peak_kb():
+    # VmHWM: the peak RSS of this process image. (ru_maxrss survives exec on Linux: a child
+    # of a large parent starts with the parent's high-water mark.)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+which, variant, size, batch, depth, xla = sys.argv[1:7]
+size, batch = int(size), int(batch)
+depth = int(depth) if depth != "None" else None
+from keras_vit import benchmark as b
+import numpy as np
+if which == "torch":
+    import torch, transformers
+else:
+    import tensorflow as tf, keras
+    if which == "keras-hub":
+        import keras_hub
+base = peak_kb()
+if which == "torch":
+    model = b._torch_vit(variant, size, depth)
+    call = b._torch_call(model, batch, size)
+else:
+    model = (b._keras_vit(variant, size, depth) if which == "keras-vit"
+             else b._keras_hub(variant, size, depth))
+    images = tf.constant(np.random.default_rng(0).uniform(-1, 1, (batch, size, size, 3)), tf.float32)
+    call = b._keras_call(model, images, xla=which == "keras-hub" or xla == "xla")
+for _ in range(3):
+    call()
+peak = peak_kb()
+print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024}))
+"""
+
+
+def _memory_mb(which, variant, size, batch, depth, xla):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "OMP_WAIT_POLICY": "PASSIVE"}
+    out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, which, variant, str(size),
+                          str(batch), str(depth), "xla" if xla else "graph"], capture_output=True, text=True, env=env,
+                         timeout=900)
+    if out.returncode:
+        raise RuntimeError(f"memory child for {which} failed:\n{out.stderr[-2000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return result["peak_mb"] - result["base_mb"]
+
+
+def row_memory(table, args, peers, peak):
+    variant, batch, size = args.memory_variant, args.memory_batch_size, args.image_size
+    ours = _memory_mb("keras-vit", variant, size, batch, args.depth, args.keras_vit_xla)
+    work = f"peak memory {variant} {size}px batch {batch} inference"
+    note = "peak RSS - peak RSS after import, own process"
+    goal = f"<= {MEMORY_GOAL_MB} MB {'met' if ours <= MEMORY_GOAL_MB else 'missed'}"
+    shown = False
+    for peer in peers:
+        theirs = _memory_mb(peer, variant, size, batch, args.depth, True)
+        label = "keras-hub (XLA)" if peer == "keras-hub" else "HF ViTModel (PyTorch)"
+        table.add(work, f"{ours:.0f} MB", label, f"{theirs:.0f} MB",
+                  theirs / ours if ours > 0 else None, None, None, note)
+        table.rows[-1]["goal"] = goal
+        shown = True
+    if not shown:
+        table.add(work, f"{ours:.0f} MB", "-", None, None, None, None, note)
+        table.rows[-1]["goal"] = goal
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores, load average {load:.2f}"
+
+
+def run(args):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    quick = args.quick
+    args.keras_vit_xla = not args.keras_vit_graph
+    args.rows = [r for r in (args.rows or ",".join(ROWS)).split(",") if r]
+    for r in args.rows:
+        if r not in ROWS:
+            print(f"keras-vit benchmark: unknown row {r!r}; choose among {ROWS}", file=sys.stderr)
+            return 2
+    args.variants = [v for v in (args.variants or ("Ti/16" if quick else "Ti/16,S/16,B/16"))
+                     .split(",") if v]
+    for v in args.variants + [v for v in (args.bf16_variant, args.tflite_variant) if v]:
+        if v not in CONFIGS:
+            print(f"keras-vit benchmark: variant {v!r} not among {tuple(CONFIGS)}", file=sys.stderr)
+            return 2
+    args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
+    args.repeats = args.repeats or (5 if quick else 15)
+    args.train_steps = args.train_steps or (4 if quick else 8)
+    args.bf16_variant = args.bf16_variant or args.variants[-1]
+    args.tflite_variant = args.tflite_variant or args.variants[-1]
+
+    import keras  # noqa: F401 (after the environment above)
+    import tensorflow as tf
+
+    peers = available_peers([p for p in args.peers.split(",") if p])
+    started = time.time()
+    print(f"machine: {_machine()}; TensorFlow {tf.__version__}, Keras {keras.__version__}",
+          flush=True)
+    peak = matmul_peak(2048 if args.image_size < 64 else 4096)
+    print(f"float32 matmul peak (best large TF matmul, this run): {peak:.0f} GFLOP/s", flush=True)
+    table = Table()
+    for name in args.rows:
+        globals()[f"row_{name}"](table, args, peers, peak)
+    elapsed = time.time() - started
+    table.print(f"keras-vit benchmark ({_machine()}; matmul peak {peak:.0f} GFLOP/s; "
+                f"medians of {args.repeats} interleaved rounds; {elapsed:.0f} s; "
+                "ratio > 1 = keras-vit better)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": _machine(), "peak_gflops": peak, "rows": table.rows,
+                       "seconds": elapsed}, f, indent=2)
+    return 0
