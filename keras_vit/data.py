@@ -183,6 +183,12 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
 
 def load_tfds(name, image_size, data_dir=None, validation_split=0.1):
     """A TFDS image-classification dataset already prepared in `data_dir` (never downloads)."""
+    where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+    # Look for the prepared files first: answering "not prepared" must take no time, and
+    # creating a TFDS builder imports its dataset code (seconds on a cold start).
+    folder = Path(where).expanduser() / name.split(":")[0]
+    if not any(folder.glob("**/dataset_info.json")):
+        raise DataError(_not_prepared(name, folder, where))
     import tensorflow_datasets as tfds
 
     try:
@@ -190,12 +196,7 @@ def load_tfds(name, image_size, data_dir=None, validation_split=0.1):
     except Exception as err:  # tfds raises several types for unknown names
         raise DataError(f"TFDS has no dataset {name!r}: {str(err).splitlines()[0]}") from err
     if not builder.is_prepared():
-        where = data_dir or "~/tensorflow_datasets"
-        raise DataError(
-            f"TFDS dataset {name!r} is not prepared in {builder.data_dir}. Training never "
-            f"downloads. On a machine with internet run `tfds build {name} --data_dir {where}` "
-            f"(or python -c \"import tensorflow_datasets as tfds; tfds.load('{name}', "
-            f"data_dir='{where}')\"), copy that folder here and pass --data-dir {where}.")
+        raise DataError(_not_prepared(name, builder.data_dir, where))
     info = builder.info
     image_key = next((k for k in ("image", "img") if k in info.features), None)
     label_key = "label" if "label" in info.features else None
@@ -220,6 +221,13 @@ def load_tfds(name, image_size, data_dir=None, validation_split=0.1):
             prepare, num_parallel_calls=AUTOTUNE)
         sizes[split] = int(splits[spec].num_examples)
     return Data(**datasets, class_names=list(info.features[label_key].names), sizes=sizes)
+
+
+def _not_prepared(name, folder, where):
+    return (f"TFDS dataset {name!r} is not prepared in {folder}. Training never downloads. On "
+            f"a machine with internet run `tfds build {name} --data_dir {where}` (or python -c "
+            f"\"import tensorflow_datasets as tfds; tfds.load('{name}', data_dir='{where}')\"), "
+            f"copy that folder here and pass --data-dir {where}.")
 
 
 def load_data(spec, image_size, *, data_dir=None, validation_split=0.1, test_split=None, seed=0):

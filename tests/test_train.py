@@ -155,8 +155,6 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
 
 
 def test_missing_tfds_dataset_fails_fast_with_how_to_prepare_it(tmp_path):
-    import tensorflow_datasets  # noqa: F401  (its import time is not the check's)
-
     from keras_vit.data import DataError, load_data
 
     start = time.time()
