@@ -20,7 +20,7 @@ from pathlib import Path
 # Defaults that depend on the data: the embedded digits are 8x8 and small, so they get a
 # small, shallow model; everything else gets the paper's 224x224 set-up.
 DATA_DEFAULTS = {
-    "digits": dict(variant="Ti/16", image_size="16", patch_size=4, depth=6, epochs=60,
+    "digits": dict(variant="Ti/16", image_size="16", patch_size=4, depth=6, epochs=50,
                    batch_size=64, learning_rate=1e-3, warmup_epochs=3, flip=False,
                    translate=0.1, randaugment=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
                    drop_path=0.0, weight_decay=0.05),
