@@ -1,4 +1,5 @@
 import os
+import socket
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -24,3 +25,15 @@ def randomize_weights(model, seed=0, scale=0.05):
     for w in model.weights:
         w.assign(rng.normal(0.0, scale, w.shape).astype(w.dtype))
     return model
+
+
+def free_ports(n):
+    """n TCP ports on 127.0.0.1 that were free a moment ago (bound to port 0, then released)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

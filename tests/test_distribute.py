@@ -7,7 +7,6 @@ subprocess has a time limit, so a hung collective fails the test instead of stal
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ import pytest
 import tensorflow as tf
 
 from keras_vit import distribute
+
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distribute_worker.py"
@@ -35,17 +36,6 @@ def _env(**extra):
     return env
 
 
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _run_workers(args, tmp_dir, num_workers=2, attempts=2):
     """Runs `distribute_worker.py ARGS` as `num_workers` workers of one local cluster.
 
@@ -55,7 +45,7 @@ def _run_workers(args, tmp_dir, num_workers=2, attempts=2):
     choosing and binding it (another process on the machine) gets one retry with new ports.
     """
     for attempt in range(attempts):
-        ports = _free_ports(num_workers)
+        ports = free_ports(num_workers)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
         procs, logs = [], []
         for index in range(num_workers):

@@ -12,7 +12,6 @@ other is killed after a grace period instead of waiting for its dead peer until 
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import free_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/test_train.py's tiny model for two epochs, with a recipe that visibly learns in two
@@ -46,17 +47,6 @@ def _env(**extra):
 def _command(out, strategy, *extra):
     return [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out),
             "--strategy", strategy, *FLAGS, *extra]
-
-
-def _free_ports(n):
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _run_together(commands, envs, cwd, log_dir, watch=None):
@@ -200,7 +190,7 @@ def multi_worker_run(tmp_path_factory):
         work = tmp / f"work{attempt}"
         work.mkdir()
         out = work / "run"
-        cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+        cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
         envs = [_env(TF_CONFIG=json.dumps({"cluster": cluster,
                                            "task": {"type": "worker", "index": index}}))
                 for index in range(2)]
