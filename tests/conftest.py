@@ -1,5 +1,8 @@
 import os
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -37,3 +40,48 @@ def free_ports(n):
     finally:
         for s in sockets:
             s.close()
+
+
+def run_processes(commands, envs, cwd, log_paths, *, timeout, grace, watch=None):
+    """Runs the commands at once, each logging to its file; returns (processes, outputs, seen)
+    when all have exited.
+
+    Fails the test, with every log, when they take over `timeout` seconds, or when one is
+    still running `grace` seconds after another one failed (a worker would wait for a dead
+    peer's collectives until the time limit). `watch`: a folder polled while they run; `seen`
+    is every path (relative to it) that existed there at some poll.
+    """
+    procs, seen = [], set()
+    for command, env, log_path in zip(commands, envs, log_paths):
+        with open(log_path, "w") as log:  # files, not pipes: no process blocks on its output
+            procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT))
+    deadline, failed_at, problem = time.monotonic() + timeout, None, None
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if failed_at is None and any(p.poll() for p in procs):
+                failed_at = now
+            if now > deadline:
+                problem = f"timed out after {timeout} s"
+            elif failed_at is not None and now > failed_at + grace:
+                problem = f"one process failed and the others were still running {grace} s later"
+            if problem:
+                break
+            if watch is not None and Path(watch).exists():
+                try:
+                    seen.update(str(p.relative_to(watch)) for p in Path(watch).rglob("*"))
+                except OSError:  # a file removed while listing
+                    pass
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    outputs = [Path(path).read_text(errors="replace") for path in log_paths]
+    if problem:
+        pytest.fail(f"{problem}:\n" + "\n".join(
+            f"---- process {i} (last 4000 characters) ----\n{out[-4000:]}"
+            for i, out in enumerate(outputs)))
+    return procs, outputs, seen

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import tensorflow as tf
 
 from keras_vit import distribute
 
-from tests.conftest import free_ports
+from tests.conftest import free_ports, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distribute_worker.py"
@@ -47,36 +46,14 @@ def _run_workers(args, tmp_dir, num_workers=2, attempts=2):
     for attempt in range(attempts):
         ports = free_ports(num_workers)
         cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-        procs, logs = [], []
+        commands, envs, logs = [], [], []
         for index in range(num_workers):
             tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+            commands.append([sys.executable, str(WORKER), *args])
+            envs.append(_env(TF_CONFIG=tf_config))
             logs.append(Path(tmp_dir) / f"attempt{attempt}-worker{index}.log")
-            with open(logs[-1], "w") as log:  # files, not pipes: no worker blocks on output
-                procs.append(subprocess.Popen(
-                    [sys.executable, str(WORKER), *args], cwd=ROOT,
-                    env=_env(TF_CONFIG=tf_config), stdout=log, stderr=subprocess.STDOUT))
-        deadline, failed_at, problem = time.monotonic() + TIMEOUT_S, None, None
-        try:
-            while any(p.poll() is None for p in procs):
-                now = time.monotonic()
-                if failed_at is None and any(p.poll() for p in procs):
-                    failed_at = now
-                if now > deadline:
-                    problem = f"timed out after {TIMEOUT_S}s"
-                elif failed_at is not None and now > failed_at + GRACE_S:
-                    problem = "a worker failed and the others did not finish"
-                if problem:
-                    break
-                time.sleep(0.2)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
-        outputs = [path.read_text(errors="replace") for path in logs]
-        if problem:
-            pytest.fail(f"multi-worker run {args}: {problem}:\n"
-                        + "\n----\n".join(o[-3000:] for o in outputs))
+        procs, outputs, _ = run_processes(commands, envs, ROOT, logs, timeout=TIMEOUT_S,
+                                          grace=GRACE_S)
         results = [(p.returncode, out) for p, out in zip(procs, outputs)]
         port_clash = any(rc and ("Address already in use" in out or "Failed to bind" in out)
                          for rc, out in results)

@@ -12,15 +12,13 @@ other is killed after a grace period instead of waiting for its dead peer until 
 import csv
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import free_ports
+from tests.conftest import free_ports, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 # tests/test_train.py's tiny model for two epochs, with a recipe that visibly learns in two
@@ -56,38 +54,9 @@ def _run_together(commands, envs, cwd, log_dir, watch=None):
     running GRACE_S after another one failed. `watch`: a folder polled while they run; `seen`
     is every path (relative to it) that existed there at some poll.
     """
-    procs, logs, seen = [], [], set()
-    for i, (command, env) in enumerate(zip(commands, envs)):
-        logs.append(Path(log_dir) / f"process{i}.log")
-        with open(logs[-1], "w") as log:  # files, not pipes: no process blocks on its output
-            procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT))
-    deadline, failed_at, problem = time.monotonic() + TIMEOUT_S, None, None
-    try:
-        while any(p.poll() is None for p in procs):
-            now = time.monotonic()
-            if failed_at is None and any(p.poll() for p in procs):
-                failed_at = now
-            if now > deadline:
-                problem = f"timed out after {TIMEOUT_S} s"
-            elif failed_at is not None and now > failed_at + GRACE_S:
-                problem = f"one process failed and the others were still running {GRACE_S} s later"
-            if problem:
-                break
-            if watch is not None and Path(watch).exists():
-                try:
-                    seen.update(str(p.relative_to(watch)) for p in Path(watch).rglob("*"))
-                except OSError:  # a file removed while listing
-                    pass
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-    outputs = [path.read_text(errors="replace") for path in logs]
-    if problem:
-        pytest.fail(f"{problem}:\n" + _show(outputs))
+    logs = [Path(log_dir) / f"process{i}.log" for i in range(len(commands))]
+    procs, outputs, seen = run_processes(commands, envs, cwd, logs, timeout=TIMEOUT_S,
+                                         grace=GRACE_S, watch=watch)
     return [(p.pid, p.returncode, out) for p, out in zip(procs, outputs)], seen
 
 
