@@ -20,6 +20,8 @@ class AugmentConfig:
         flip: random horizontal flips (off for data where mirroring changes the
             class, such as digits).
         translate: fraction of the image size for random shifts (pad-and-crop style).
+        rotate: largest random rotation, as a fraction of a full turn (0.05 = 18 degrees).
+        zoom: largest random zoom in or out, as a fraction of the size.
         randaugment: RandAugment strength in [0, 1] (Keras `factor`); 0 turns it off.
         mixup: MixUp alpha; 0 turns it off.
         cutmix: CutMix factor; 0 turns it off. With both, each batch gets one of the two.
@@ -27,6 +29,8 @@ class AugmentConfig:
 
     flip: bool = True
     translate: float = 0.0
+    rotate: float = 0.0
+    zoom: float = 0.0
     randaugment: float = 0.0
     mixup: float = 0.0
     cutmix: float = 0.0
@@ -40,6 +44,12 @@ def make_augmenter(config, num_classes, seed=0):
     if config.translate:
         pixel_layers.append(keras.layers.RandomTranslation(
             config.translate, config.translate, fill_mode="constant", seed=seed + 1))
+    if config.rotate:
+        pixel_layers.append(keras.layers.RandomRotation(
+            config.rotate, fill_mode="constant", seed=seed + 5))
+    if config.zoom:
+        pixel_layers.append(keras.layers.RandomZoom(
+            config.zoom, config.zoom, fill_mode="constant", seed=seed + 6))
     if config.randaugment:
         pixel_layers.append(keras.layers.RandAugment(value_range=(0, 255),
                                                      factor=config.randaugment, seed=seed + 2))

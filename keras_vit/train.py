@@ -22,11 +22,11 @@ from pathlib import Path
 DATA_DEFAULTS = {
     "digits": dict(variant="Ti/16", image_size="16", patch_size=4, depth=6, epochs=50,
                    batch_size=64, learning_rate=1e-3, warmup_epochs=3, flip=False,
-                   translate=0.1, randaugment=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
-                   drop_path=0.0, weight_decay=0.05),
+                   translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
+                   drop_path=0.1, weight_decay=0.05),
     "other": dict(variant="S/16", image_size="224", patch_size=None, depth=None, epochs=30,
                   batch_size=128, learning_rate=1e-3, warmup_epochs=5, flip=True,
-                  translate=0.1, randaugment=0.5, mixup=0.2, cutmix=1.0, label_smoothing=0.1,
+                  translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.5, mixup=0.2, cutmix=1.0, label_smoothing=0.1,
                   drop_path=0.1, weight_decay=0.1),
 }
 PRESETS = {  # the paper: Adam(W) for pre-training, SGD with momentum for fine-tuning
@@ -74,6 +74,9 @@ def add_arguments(parser):
     recipe.add_argument("--label-smoothing", type=float)
     recipe.add_argument("--flip", action=argparse.BooleanOptionalAction)
     recipe.add_argument("--translate", type=float, help="random shift, fraction of the size")
+    recipe.add_argument("--rotate", type=float,
+                        help="random rotation, fraction of a full turn (0.05 = 18 degrees)")
+    recipe.add_argument("--zoom", type=float, help="random zoom in/out, fraction of the size")
     recipe.add_argument("--randaugment", type=float, help="RandAugment strength 0..1 (0 off)")
     recipe.add_argument("--mixup", type=float, help="MixUp alpha (0 off)")
     recipe.add_argument("--cutmix", type=float, help="CutMix factor (0 off)")
@@ -294,7 +297,8 @@ def train(config):
     options.experimental_distribute.auto_shard_policy = \
         tf.data.experimental.AutoShardPolicy.DATA
     augment_config = augment.AugmentConfig(
-        flip=config["flip"], translate=config["translate"], randaugment=config["randaugment"],
+        flip=config["flip"], translate=config["translate"], rotate=config["rotate"],
+        zoom=config["zoom"], randaugment=config["randaugment"],
         mixup=config["mixup"], cutmix=config["cutmix"])
     train_ds = (data_lib.training_batches(data.train, config["batch_size"], seed=config["seed"],
                                           cache=cache, skip_batches=step)

@@ -163,6 +163,61 @@ def test_missing_tfds_dataset_fails_fast_with_how_to_prepare_it(tmp_path):
     assert time.time() - start < 1.0
 
 
+def _prepare_tfds_dataset(data_dir, name):
+    """A real prepared TFDS dataset on disk (the files `tfds build` writes): grayscale digit
+    images of two sizes under train and test splits, with named classes."""
+    import tensorflow_datasets as tfds
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+
+    def examples(indices):  # odd ones upscaled 2x: the loader resizes every image
+        for i in indices:
+            image = np.kron(gray[i], np.ones((2, 2), np.uint8)) if i % 2 else gray[i]
+            yield i, {"image": image[..., None], "label": int(digits.target[i])}
+
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 1), dtype=np.uint8),
+        "label": tfds.features.ClassLabel(names=[f"digit_{d}" for d in range(10)]),
+    })
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name=name, version="1.0.0", features=features, data_dir=str(data_dir),
+        disable_shuffling=True,  # examples stay in order: the test compares them
+        split_datasets={"train": list(examples(range(0, 300))),
+                        "test": list(examples(range(300, 400)))})
+    return gray, digits.target
+
+
+def test_a_prepared_tfds_dataset_loads_by_name_with_its_splits_and_classes(tmp_path):
+    from keras_vit.data import load_data, resize_image
+
+    gray, labels = _prepare_tfds_dataset(tmp_path, "tiny_digits")
+    data = load_data("tfds:tiny_digits", (16, 16), data_dir=str(tmp_path),
+                     validation_split=0.1)
+    assert data.class_names == [f"digit_{d}" for d in range(10)]
+    assert data.sizes == {"train": 270, "validation": 30, "test": 100}
+    test_images, test_labels = zip(*data.test.as_numpy_iterator())
+    assert np.array_equal(test_labels, labels[300:400])
+    assert all(image.shape == (16, 16, 3) and image.dtype == np.uint8 for image in test_images)
+    # Grayscale arrives as RGB at the model's size.
+    expected = resize_image(np.repeat(gray[300][..., None], 3, -1), (16, 16)).numpy()
+    assert np.abs(test_images[0].astype(int) - expected).max() <= 1
+
+
+def test_train_runs_on_a_prepared_tfds_dataset_in_a_fresh_process(tmp_path):
+    # A fresh process has no builder class for the name: TFDS reads the prepared files.
+    _prepare_tfds_dataset(tmp_path / "tfds", "tiny_digits")
+    out = tmp_path / "run"
+    result = run_train(out, "--data", "tfds:tiny_digits", "--data-dir", str(tmp_path / "tfds"),
+                       "--epochs", "1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+    config = json.loads((out / "config.json").read_text())
+    assert config["finished"] and config["class_names"][0] == "digit_0"
+    assert config["result"]["steps"] == 270 // 32  # full batches only
+
+
 def test_unknown_data_spec_says_what_is_accepted():
     from keras_vit.data import DataError, load_data
 
@@ -206,8 +261,9 @@ def test_augmentation_keeps_range_and_mixes_labels():
 
     images = tf.cast(tf.random.uniform((16, 16, 16, 3), 0, 256, dtype=tf.int32), tf.uint8)
     labels = tf.range(16) % 4
-    augment = make_augmenter(AugmentConfig(flip=True, translate=0.1, randaugment=0.5,
-                                           mixup=0.2, cutmix=1.0), num_classes=4)
+    augment = make_augmenter(AugmentConfig(flip=True, translate=0.1, rotate=0.05, zoom=0.2,
+                                           randaugment=0.5, mixup=0.2, cutmix=1.0),
+                             num_classes=4)
     x, y = augment(images, labels)
     assert x.dtype == tf.float32 and float(tf.reduce_min(x)) >= -1 and float(tf.reduce_max(x)) <= 1
     np.testing.assert_allclose(tf.reduce_sum(y, -1), 1.0, atol=1e-5)
