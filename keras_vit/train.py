@@ -22,12 +22,12 @@ from pathlib import Path
 DATA_DEFAULTS = {
     "digits": dict(variant="Ti/16", image_size="16", patch_size=4, depth=6, epochs=50,
                    batch_size=64, learning_rate=1e-3, warmup_epochs=3, flip=False,
-                   translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
-                   drop_path=0.1, weight_decay=0.05),
+                   translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.0, mixup=0.0, cutmix=0.0,
+                   label_smoothing=0.1, drop_path=0.1, weight_decay=0.05),
     "other": dict(variant="S/16", image_size="224", patch_size=None, depth=None, epochs=30,
                   batch_size=128, learning_rate=1e-3, warmup_epochs=5, flip=True,
-                  translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.5, mixup=0.2, cutmix=1.0, label_smoothing=0.1,
-                  drop_path=0.1, weight_decay=0.1),
+                  translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.5, mixup=0.2, cutmix=1.0,
+                  label_smoothing=0.1, drop_path=0.1, weight_decay=0.1),
 }
 PRESETS = {  # the paper: Adam(W) for pre-training, SGD with momentum for fine-tuning
     "pretrain": dict(optimizer="adamw"),
