@@ -139,20 +139,27 @@ class _Builder:
         self.params["?" + source] = Entry(np.asarray(array), source, tuple(array.shape))
 
 
-def _hf_hybrid(rest):
-    """Canonical name of a Hugging Face BiT backbone key (ViT-hybrid layout), or None."""
-    m = re.fullmatch(r"embedder\.convolution\.weight", rest)
-    if m:
+def _hybrid_name(key, root_conv, root_norm, unit):
+    """Canonical name of a BiT backbone key, given the layout's regexes for the root
+    convolution, the root norm (capturing weight|bias) and a unit's prefix (capturing the
+    stage and unit indices); None for other keys."""
+    if re.fullmatch(root_conv, key):
         return "conv_root/kernel", _conv
-    m = re.fullmatch(r"embedder\.norm\.(weight|bias)", rest)
+    m = re.fullmatch(root_norm, key)
     if m:
         return f"gn_root/{'scale' if m[1] == 'weight' else 'bias'}", _same
-    m = re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(conv[123]|norm[123]|"
-                     r"downsample\.conv|downsample\.norm)\.(weight|bias)", rest)
+    m = re.fullmatch(unit + r"\.(conv[123]|norm[123]|downsample\.conv|downsample\.norm)"
+                     r"\.(weight|bias)", key)
     if m:
-        unit = f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}"
-        return _resnet_name(unit, m[3].replace("downsample.", "down_"), m[4])
+        name = f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}"
+        return _resnet_name(name, m[3].replace("downsample.", "down_"), m[4])
     return None
+
+
+def _hf_hybrid(rest):
+    """Canonical name of a Hugging Face BiT backbone key (ViT-hybrid layout), or None."""
+    return _hybrid_name(rest, r"embedder\.convolution\.weight", r"embedder\.norm\.(weight|bias)",
+                        r"encoder\.stages\.(\d+)\.layers\.(\d+)")
 
 
 def _resnet_name(unit, part, param):
@@ -297,18 +304,11 @@ _TIMM_TOP = {
 
 
 def _timm_hybrid(key):
-    m = re.fullmatch(r"patch_embed\.backbone\.(?:stem\.)?conv\.weight", key)
-    if m:
-        return "conv_root/kernel", _conv
-    m = re.fullmatch(r"patch_embed\.backbone\.(?:stem\.)?norm\.(weight|bias)", key)
-    if m:
-        return f"gn_root/{'scale' if m[1] == 'weight' else 'bias'}", _same
-    m = re.fullmatch(r"patch_embed\.backbone\.stages\.(\d+)\.blocks\.(\d+)\.(conv[123]|norm[123]|"
-                     r"downsample\.conv|downsample\.norm)\.(weight|bias)", key)
-    if m:
-        unit = f"block{int(m[1]) + 1}/unit{int(m[2]) + 1}"
-        return _resnet_name(unit, m[3].replace("downsample.", "down_"), m[4])
-    return None
+    """Canonical name of a timm ResNetV2 backbone key (vit_*_r50_* layout), or None."""
+    backbone = r"patch_embed\.backbone\."
+    return _hybrid_name(key, backbone + r"(?:stem\.)?conv\.weight",
+                        backbone + r"(?:stem\.)?norm\.(weight|bias)",
+                        backbone + r"stages\.(\d+)\.blocks\.(\d+)")
 
 
 def _from_timm(arrays, path):
