@@ -111,7 +111,9 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, depth=N
         x = keras.layers.Dense(num_classes, kernel_initializer="zeros",
                                activation=classifier_activation, dtype="float32",
                                name="head")(x)
-    model = keras.Model(images, x, name=name or "vit_" + v.name.lower().replace("/", ""))
+    # "R50+B/16" -> "vit_r50_b16": TensorFlow name scopes (as fit opens) reject "+" and "/".
+    default_name = "vit_" + v.name.lower().replace("/", "").replace("+", "_")
+    model = keras.Model(images, x, name=name or default_name)
     if checkpoint is not None:
         checkpoints.load_checkpoint(model, checkpoint)
     elif weights is not None:

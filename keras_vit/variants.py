@@ -22,6 +22,7 @@ PATCH_SIZES = (8, 14, 16, 32)
 # then the transformer of `size` embeds `patch` x `patch` cells of the stem's
 # feature map. The number after "/" is the effective patch size (total stride);
 # "R+Ti/16" keeps the reference's name although root + 8x8 cells is stride 32.
+# `patch_size=` changes the cells (R+Ti/16 with 1x1 cells is stride 4: the digits default).
 _HYBRIDS = {
     # name: (transformer size, ResNet stage depths, patch size on the stem output)
     "R+Ti/16": ("Ti", (), 8),
@@ -89,10 +90,10 @@ def parse_variant(variant, patch_size=None):
     if isinstance(variant, str) and variant.strip() in _HYBRIDS:
         name = variant.strip()
         size, resnet, cell = _HYBRIDS[name]
-        if patch_size is not None and int(patch_size) != cell:
-            raise ValueError(
-                f"Hybrid {name!r} embeds {cell}x{cell} cells of its ResNet stem's output; "
-                f"its patch size cannot be changed (got patch_size={patch_size}).")
+        if patch_size is not None:  # cells of the stem's output (1 = every position a token)
+            cell = int(patch_size)
+            if cell < 1:
+                raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
         return Variant(name, *_SIZES[size], cell, resnet=resnet)
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a string such as 'B/16', got {variant!r}")

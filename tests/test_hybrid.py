@@ -207,9 +207,21 @@ def test_hybrid_saves_loads_and_exposes_features(tmp_path):
     assert ResNetStem.from_config(stem.get_config()).get_config() == stem.get_config()
 
 
+def test_hybrid_cells_can_change_and_the_model_trains_under_its_name():
+    # patch_size picks the cells on the stem's output: R+Ti/16's root has stride 4, so 1x1
+    # cells of a 16x16 image give 16 tokens (the embedded digits default).
+    model = keras_vit.build("R+Ti/16", image_size=16, patch_size=1, depth=1, num_classes=3)
+    assert model.get_layer("patch_encoder").output.shape == (None, 17, 192)
+    # TensorFlow name scopes reject "+" and "/": fit opens one named after the model.
+    assert model.name == "vit_r_ti16"
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    history = model.fit(np.zeros((2, 16, 16, 3), "float32"), np.array([0, 1]), verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    with pytest.raises(ValueError, match="positive integer"):
+        keras_vit.build("R50+B/16", patch_size=0)
+
+
 def test_hybrid_name_and_size_errors():
-    with pytest.raises(ValueError, match="cannot be changed"):
-        keras_vit.build("R50+B/16", patch_size=16)
     with pytest.raises(ValueError, match="not divisible by the patch size 32"):
         keras_vit.build("R26+S/32", image_size=200)
     checkpoint_like = keras_vit.build(TINY_HYBRID, image_size=64, num_classes=3)

@@ -93,7 +93,9 @@ def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp
 
 def test_a_killed_run_resumes_where_it_was(tmp_path):
     out = tmp_path / "killed"
-    args = ["--epochs", "4", "--checkpoint-every", "3", "--batch-size", "64"]
+    # --validation-split 0 (train on every labelled image): fit without validation data.
+    args = ["--epochs", "4", "--checkpoint-every", "3", "--batch-size", "64",
+            "--validation-split", "0"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen(train_command(out, *args), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=env)
@@ -126,6 +128,8 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
     assert config["result"]["steps"] == 4 * config["steps_per_epoch"]  # no step lost or repeated
     epochs = history_epochs(out)
     assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
+    assert config["result"]["steps"] == 4 * (1438 // 64)  # 1,797 - 359 test images
+    assert (out / "curves.png").exists()
 
 
 def test_resuming_with_other_flags_is_refused(tmp_path):
