@@ -238,6 +238,7 @@ def train(config):
     import keras_vit
     from keras_vit import augment, data as data_lib, run_dir as run_lib
     from keras_vit.callbacks import RunBackup, StopOnNaN
+    from keras_vit.variants import parse_variant
 
     chief = distribute.is_chief(strategy)
     run_dir, resuming = choose_run_dir(config)
@@ -272,8 +273,11 @@ def train(config):
                              gelu=config["gelu"]))
     if chief:
         run_lib.write_config(run_dir, config)
+    stride = parse_variant(config["variant"], config["patch_size"]).stride
+    height, width = config["image_size"]
     print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
-          f"on {config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
+          f"({height}x{width} images, {(height // stride) * (width // stride)} tokens of "
+          f"{stride}x{stride} px) on {config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
           f"validation / {data.sizes['test']} test, {num_classes} classes), "
           f"{distribute.describe(strategy)}, {precision}, "
           f"XLA {'on' if jit else 'off'}", flush=True)

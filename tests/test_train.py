@@ -43,6 +43,7 @@ def finished_run(tmp_path_factory):
 
 def test_run_folder_has_everything_and_the_summary_line(finished_run):
     out, stdout = finished_run
+    assert "Ti/16 (8x8 images, 16 tokens of 2x2 px) on digits" in stdout
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy: ")
     accuracy = float(last.split(":")[1])
