@@ -275,9 +275,10 @@ def train(config):
         run_lib.write_config(run_dir, config)
     stride = parse_variant(config["variant"], config["patch_size"]).stride
     height, width = config["image_size"]
+    tokens = (height // stride) * (width // stride)
     print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
-          f"({height}x{width} images, {(height // stride) * (width // stride)} tokens of "
-          f"{stride}x{stride} px) on {config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
+          f"({height}x{width} images, {tokens} tokens of {stride}x{stride} px) on "
+          f"{config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
           f"validation / {data.sizes['test']} test, {num_classes} classes), "
           f"{distribute.describe(strategy)}, {precision}, "
           f"XLA {'on' if jit else 'off'}", flush=True)

@@ -91,9 +91,7 @@ def parse_variant(variant, patch_size=None):
         name = variant.strip()
         size, resnet, cell = _HYBRIDS[name]
         if patch_size is not None:  # cells of the stem's output (1 = every position a token)
-            cell = int(patch_size)
-            if cell < 1:
-                raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+            cell = _positive(patch_size)
         return Variant(name, *_SIZES[size], cell, resnet=resnet)
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a string such as 'B/16', got {variant!r}")
@@ -110,11 +108,15 @@ def parse_variant(variant, patch_size=None):
                 "or pass patch_size=16."
             )
         patch_size = int(patch)
-    patch_size = int(patch_size)
-    if patch_size < 1:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+    patch_size = _positive(patch_size)
     width, depth, heads, mlp = _SIZES[size]
     return Variant(f"{size}/{patch_size}", width, depth, heads, mlp, patch_size)
+
+
+def _positive(patch_size):
+    if int(patch_size) < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+    return int(patch_size)
 
 
 def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
