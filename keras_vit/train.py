@@ -238,6 +238,7 @@ def train(config):
     import keras_vit
     from keras_vit import augment, data as data_lib, run_dir as run_lib
     from keras_vit.callbacks import RunBackup, StopOnNaN
+    from keras_vit.layers import patch_grid
     from keras_vit.variants import parse_variant
 
     chief = distribute.is_chief(strategy)
@@ -275,7 +276,8 @@ def train(config):
         run_lib.write_config(run_dir, config)
     stride = parse_variant(config["variant"], config["patch_size"]).stride
     height, width = config["image_size"]
-    tokens = (height // stride) * (width // stride)
+    rows, cols = patch_grid(height, width, stride)
+    tokens = rows * cols
     print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
           f"({height}x{width} images, {tokens} tokens of {stride}x{stride} px) on "
           f"{config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
