@@ -412,6 +412,34 @@ def row_bf16(table, args, peers, peak):
               GOALS["bf16"],
               f"bf16: TF graph; top-1 agreement {100 * agreement:.1f}% on 64 digits images, "
               "random weights")
+    _row_bf16_train(table, args)
+
+
+def _row_bf16_train(table, args):
+    """`fit` of the training configuration under mixed_bfloat16 (TF graph, what `keras-vit
+    train --precision mixed_bfloat16` picks on CPUs) against float32 (XLA, the default)."""
+    import keras
+
+    batch, steps, size = args.train_batch_size, args.train_steps, args.train_image_size
+    dataset, _, _ = _train_data(batch, steps, size)
+    previous = keras.config.dtype_policy()
+    fns = {}
+    for name, policy, xla in (("f32", "float32", True), ("bf16", "mixed_bfloat16", False)):
+        keras.mixed_precision.set_global_policy(policy)
+        try:
+            model = _compile_for_fit(_keras_vit(
+                "Ti/16", size, args.depth or TRAIN["depth"], patch_size=TRAIN["patch_size"],
+                num_classes=TRAIN["num_classes"]), xla)
+        finally:
+            keras.mixed_precision.set_global_policy(previous)
+        fns[name] = (lambda m: lambda: m.fit(dataset, epochs=1, steps_per_epoch=steps,
+                                             shuffle=False, verbose=0))(model)
+    t = interleaved(fns, args.repeats, args.warmup)
+    images = batch * steps
+    table.add(f"train fit bf16 {size}px p{TRAIN['patch_size']} w{CONFIGS['Ti/16'][0]} batch "
+              f"{batch}", _speed(t["bf16"], images), "keras-vit float32 fit (XLA)",
+              _speed(t["f32"], images), t["f32"] / t["bf16"], None, None,
+              "bf16: mixed_bfloat16, TF graph (oneDNN)")
 
 
 def _tflite_bytes(model, size, quantize=False):

@@ -247,6 +247,21 @@ def test_adamw_skips_decay_on_biases_norms_class_token_and_positions():
     assert (optimizer.beta_1, optimizer.beta_2) == (0.9, 0.999)
 
 
+def test_xla_is_off_by_default_for_bfloat16_on_cpus_alone():
+    import tensorflow as tf
+
+    from keras_vit.train import pick_jit_compile
+
+    strategy = tf.distribute.get_strategy()  # this machine: CPUs only
+    assert not tf.config.list_physical_devices("GPU")
+    auto = {"jit_compile": "auto"}
+    assert pick_jit_compile(auto, "float32", strategy)
+    # XLA's CPU backend computes bfloat16 matmuls slowly; the TF graph runs oneDNN's kernels.
+    assert not pick_jit_compile(auto, "mixed_bfloat16", strategy)
+    assert pick_jit_compile({"jit_compile": "on"}, "mixed_bfloat16", strategy)
+    assert not pick_jit_compile({"jit_compile": "off"}, "float32", strategy)
+
+
 def test_warmup_then_cosine_schedule():
     from keras_vit.schedules import WarmupDecay
 
