@@ -319,24 +319,29 @@ def _torch_train_step_fn(image_size, depth, patch_size, batch, classes):
     return step
 
 
+def _train_model(image_size, depth, xla):
+    """keras-vit at the training configuration, compiled for `fit`."""
+    return _compile_for_fit(_keras_vit(TRAIN["variant"], image_size, depth,
+                                       patch_size=TRAIN["patch_size"],
+                                       num_classes=TRAIN["num_classes"]), xla)
+
+
+def _fit_call(model, dataset, steps):
+    return lambda: model.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
+
+
 def row_train(table, args, peers, peak):
     batch, steps = args.train_batch_size, args.train_steps
     size = args.train_image_size
     depth = args.depth or TRAIN["depth"]
     patch = TRAIN["patch_size"]
     dataset, _, _ = _train_data(batch, steps, size)
-    def build_kv(xla):
-        return _compile_for_fit(_keras_vit("Ti/16", size, depth, patch_size=patch,
-                                           num_classes=TRAIN["num_classes"]), xla)
-
-    def fit(model):
-        return lambda: model.fit(dataset, epochs=1, steps_per_epoch=steps, shuffle=False, verbose=0)
-
     # keras-vit's fit both ways: a TensorFlow graph (oneDNN) and XLA (jit_compile=True).
-    fns = {"keras-vit TF graph": fit(build_kv(False)), "keras-vit XLA": fit(build_kv(True))}
+    fns = {"keras-vit TF graph": _fit_call(_train_model(size, depth, False), dataset, steps),
+           "keras-vit XLA": _fit_call(_train_model(size, depth, True), dataset, steps)}
     if "keras-hub" in peers:
-        fns["keras-hub"] = fit(_compile_for_fit(
-            _keras_hub_classifier(size, depth, patch, TRAIN["num_classes"])))
+        fns["keras-hub"] = _fit_call(_compile_for_fit(
+            _keras_hub_classifier(size, depth, patch, TRAIN["num_classes"])), dataset, steps)
     t = interleaved(fns, args.repeats, args.warmup)
     if "torch" in peers:  # its own interleaved pair (see row_infer)
         step = _torch_train_step_fn(size, depth, patch, batch, TRAIN["num_classes"])
@@ -427,13 +432,10 @@ def _row_bf16_train(table, args):
     for name, policy, xla in (("f32", "float32", True), ("bf16", "mixed_bfloat16", False)):
         keras.mixed_precision.set_global_policy(policy)
         try:
-            model = _compile_for_fit(_keras_vit(
-                "Ti/16", size, args.depth or TRAIN["depth"], patch_size=TRAIN["patch_size"],
-                num_classes=TRAIN["num_classes"]), xla)
+            model = _train_model(size, args.depth or TRAIN["depth"], xla)
         finally:
             keras.mixed_precision.set_global_policy(previous)
-        fns[name] = (lambda m: lambda: m.fit(dataset, epochs=1, steps_per_epoch=steps,
-                                             shuffle=False, verbose=0))(model)
+        fns[name] = _fit_call(model, dataset, steps)
     t = interleaved(fns, args.repeats, args.warmup)
     images = batch * steps
     table.add(f"train fit bf16 {size}px p{TRAIN['patch_size']} w{CONFIGS['Ti/16'][0]} batch "
