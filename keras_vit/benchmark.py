@@ -374,6 +374,18 @@ def row_train(table, args, peers, peak):
                       f"keras-vit: {ours_name[10:]}")
 
 
+def _built_under(policy, build):
+    """`build()` under the Keras dtype policy `policy`, the global policy restored after."""
+    import keras
+
+    previous = keras.config.dtype_policy()
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        return build()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
 def _digit_images(count, size):
     """Real images for the agreement check: scikit-learn's digits, upscaled to RGB in [-1, 1]."""
     import numpy as np
@@ -386,7 +398,6 @@ def _digit_images(count, size):
 
 
 def row_bf16(table, args, peers, peak):
-    import keras
     import numpy as np
     import tensorflow as tf
 
@@ -395,12 +406,7 @@ def row_bf16(table, args, peers, peak):
     rng = np.random.default_rng(0)
     for w in f32.weights:  # random weights everywhere (the head starts at zeros)
         w.assign(rng.normal(0, 0.02 if w.path.endswith("kernel") else 0.01, w.shape))
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        bf16 = _keras_vit(variant, size, args.depth)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    bf16 = _built_under("mixed_bfloat16", lambda: _keras_vit(variant, size, args.depth))
     bf16.set_weights(f32.get_weights())
     images = tf.constant(rng.uniform(-1, 1, (batch, size, size, 3)), tf.float32)
     # bfloat16 runs as a TensorFlow graph: oneDNN's bf16 matmuls (avx512_bf16 / AMX); XLA's CPU
@@ -423,18 +429,11 @@ def row_bf16(table, args, peers, peak):
 def _row_bf16_train(table, args):
     """`fit` of the training configuration under mixed_bfloat16 (TF graph, what `keras-vit
     train --precision mixed_bfloat16` picks on CPUs) against float32 (XLA, the default)."""
-    import keras
-
     batch, steps, size = args.train_batch_size, args.train_steps, args.train_image_size
     dataset, _, _ = _train_data(batch, steps, size)
-    previous = keras.config.dtype_policy()
     fns = {}
     for name, policy, xla in (("f32", "float32", True), ("bf16", "mixed_bfloat16", False)):
-        keras.mixed_precision.set_global_policy(policy)
-        try:
-            model = _train_model(size, args.depth or TRAIN["depth"], xla)
-        finally:
-            keras.mixed_precision.set_global_policy(previous)
+        model = _built_under(policy, lambda: _train_model(size, args.depth or TRAIN["depth"], xla))
         fns[name] = _fit_call(model, dataset, steps)
     t = interleaved(fns, args.repeats, args.warmup)
     images = batch * steps
