@@ -103,15 +103,22 @@ def matmul_peak(n=4096, repeats=5):
 
 def vit_flops(width, heads, mlp, depth, image_size, patch_size, channels=3, classes=0,
               class_token=True):
-    """Multiply-add FLOPs (x2) of one image through a ViT forward pass (matmuls only)."""
+    """Multiply-add FLOPs (x2) of one image through keras-vit's forward pass (matmuls only):
+    the work done, so with a class token the last block counts the class token's queries,
+    projections and MLP alone (see `keras_vit.build`)."""
     patches = (image_size // patch_size) ** 2
     tokens = patches + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
-    block = (2 * tokens * width * 3 * width      # q, k, v
-             + 2 * 2 * tokens * tokens * width   # logits and weighted sum
-             + 2 * tokens * width * width        # output projection
-             + 2 * 2 * tokens * width * mlp)     # MLP
-    return embed + depth * block + 2 * width * classes
+
+    def block(queries):  # keys and values always come from every token
+        return (2 * tokens * width * 2 * width       # k, v
+                + 2 * queries * width * width        # q
+                + 2 * 2 * queries * tokens * width   # logits and weighted sum
+                + 2 * queries * width * width        # output projection
+                + 2 * 2 * queries * width * mlp)     # MLP
+
+    last = block(1 if class_token else tokens)
+    return embed + (depth - 1) * block(tokens) + last + 2 * width * classes
 
 
 # ---------------------------------------------------------------- models

@@ -86,26 +86,25 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, depth=N
             "use include_top=False for features without a head.")
 
     images = keras.Input((height, width, num_channels), name="images")
-    layers = [
-        (ResNetStem(v.resnet, v.resnet_width, v.patch_size, name="patches") if v.is_hybrid
-         else Patches(v.patch_size, name="patches")),
-        PatchEncoder(v.width, class_token=pooling == "token", name="patch_encoder"),
-        keras.layers.Dropout(dropout_rate, name="embedding_dropout"),
-    ]
+    patches = (ResNetStem(v.resnet, v.resnet_width, v.patch_size, name="patches") if v.is_hybrid
+               else Patches(v.patch_size, name="patches"))
+    x = PatchEncoder(v.width, class_token=pooling == "token", name="patch_encoder")(
+        patches(images))
+    x = keras.layers.Dropout(dropout_rate, name="embedding_dropout")(x)
     for i in range(v.depth):
-        rate = drop_path_rate * i / max(v.depth - 1, 1)
-        layers.append(TransformerBlock(
+        block = TransformerBlock(
             v.num_heads, v.mlp_dim, dropout_rate=dropout_rate,
-            attention_dropout_rate=attention_dropout_rate, drop_path_rate=rate, gelu=gelu,
-            name=f"encoderblock_{i}"))
-    layers.append(keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_norm"))
-    layers.append(TokenPooling(pooling, name="pool"))
+            attention_dropout_rate=attention_dropout_rate,
+            drop_path_rate=drop_path_rate * i / max(v.depth - 1, 1), gelu=gelu,
+            name=f"encoderblock_{i}")
+        # The head reads only the class token, so the last block computes only its output
+        # (same values; its MLP and projections run on one token); `feature_model` gives
+        # every token.
+        x = block(x, class_token_only=pooling == "token" and i == v.depth - 1)
+    x = keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_norm")(x)
+    x = TokenPooling(pooling, name="pool")(x)
     if representation_size:
-        layers.append(keras.layers.Dense(representation_size, activation="tanh",
-                                         name="pre_logits"))
-    x = images
-    for layer in layers:
-        x = layer(x)
+        x = keras.layers.Dense(representation_size, activation="tanh", name="pre_logits")(x)
     if include_top:
         # float32 head: logits stay float32 under mixed precision.
         x = keras.layers.Dense(num_classes, kernel_initializer="zeros",

@@ -138,6 +138,24 @@ def test_transformer_block_is_pre_layernorm_residual():
     np.testing.assert_allclose(keras.ops.convert_to_numpy(block(x)), want, atol=1e-4)
 
 
+def test_class_token_only_block_equals_the_full_blocks_first_token():
+    # What `build` runs as the last block of a class-token model: the class token's
+    # queries over every token's keys and values, its MLP alone.
+    block = TransformerBlock(num_heads=2, mlp_dim=32)
+    x = np.random.default_rng(5).normal(size=(3, 6, 8)).astype("float32")
+    block.build(x.shape)
+    randomize_weights(block, scale=0.3)
+    full, full_scores = block(x, return_attention_scores=True)
+    first, scores = block(x, return_attention_scores=True, class_token_only=True)
+    assert first.shape == (3, 1, 8) and scores.shape == (3, 2, 1, 6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(first),
+                               keras.ops.convert_to_numpy(full)[:, :1], atol=1e-5)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(scores),
+                               keras.ops.convert_to_numpy(full_scores)[:, :, :1], atol=1e-6)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(block(x, class_token_only=True)),
+                               keras.ops.convert_to_numpy(full)[:, :1], atol=1e-5)
+
+
 def test_drop_path_drops_whole_samples_and_keeps_the_mean():
     layer = DropPath(0.25, seed=1)
     x = np.ones((4000, 3, 2), "float32")

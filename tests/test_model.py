@@ -166,6 +166,9 @@ def test_feature_model_shares_layers_and_returns_intermediates():
     np.testing.assert_allclose(np.sum(out["attention_weights"][5], -1), 1.0, atol=1e-5)
     logits = model.get_layer("head")(out["pooled"])
     np.testing.assert_allclose(logits, model(x), atol=1e-5)
+    # ... although the model's last block computes the class token alone (it is all the
+    # head reads), while the extractor runs it over every token.
+    assert model.get_layer("encoder_norm").output.shape == (None, 1, 192)
     # The last block's output, normed, is the token features.
     np.testing.assert_allclose(model.get_layer("encoder_norm")(out["block_outputs"][-1]),
                                out["tokens"], atol=1e-5)
@@ -185,8 +188,9 @@ def test_summary_names_are_readable():
         assert name in text
 
 
-def test_keras_file_round_trip_in_a_fresh_process(tmp_path):
-    model = randomize_weights(small(gelu="erf", pooling="gap", representation_size=8,
+@pytest.mark.parametrize("pooling", ["gap", "token"])
+def test_keras_file_round_trip_in_a_fresh_process(tmp_path, pooling):
+    model = randomize_weights(small(gelu="erf", pooling=pooling, representation_size=8,
                                     dropout_rate=0.1, drop_path_rate=0.1))
     x = images()
     path = tmp_path / "vit.keras"
@@ -195,11 +199,13 @@ def test_keras_file_round_trip_in_a_fresh_process(tmp_path):
     code = ("import sys, numpy as np, keras, keras_vit; "
             "m = keras.saving.load_model(sys.argv[1]); "
             "np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0)); "
-            "print(m.get_layer('encoderblock_3').get_config()['gelu'])")
+            "print(m.get_layer('encoderblock_3').get_config()['gelu'], "
+            "m.get_layer('encoder_norm').output.shape[1])")
     result = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),
                              str(tmp_path / "y.npy")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "erf"
+    # A loaded class-token model keeps computing the last block for the class token alone.
+    assert result.stdout.split()[-2:] == ["erf", "16" if pooling == "gap" else "1"]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), model.predict(x, verbose=0))
 
 

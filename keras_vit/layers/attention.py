@@ -33,6 +33,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     `keras.ops.dot_product_attention` unless attention weights are asked for or
     attention dropout is active.
 
+    Called with `class_token_only=True`, only the first token (the class token) asks
+    queries, over the keys and values of every token: the output is `(batch, 1, D)`,
+    all that the last block of a model with a class-token head needs.
+
     Args:
         num_heads: int, number of attention heads; must divide the input width.
         dropout_rate: float, dropout on the attention weights while training.
@@ -62,7 +66,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.out_bias = self.add_weight(name="out_bias", shape=(width,), initializer="zeros")
         self.attention_dropout = keras.layers.Dropout(self.dropout_rate, name="attention_dropout")
 
-    def call(self, x, training=None, return_attention_scores=False):
+    def call(self, x, training=None, return_attention_scores=False, class_token_only=False):
         # Each projection is one 2D matmul over the (batch * tokens, width) rows and the
         # attention runs head-major, (batch, heads, tokens, head_dim): shapes that oneDNN
         # (TensorFlow graphs) and XLA run as plain (batch) matmuls with fused bias adds, where
@@ -70,18 +74,21 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # 1/sqrt(head_dim) scale folded into the query projection.
         width, heads, head_dim = x.shape[-1], self.num_heads, self.head_dim
         tokens = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
-        rows = ops.reshape(x, (-1, width))
+        queries = x[:, :1] if class_token_only else x
+        query_tokens = 1 if class_token_only else tokens
 
-        def project(kernel, bias, scale=None):  # -> (batch, tokens, heads, head_dim)
+        def project(inputs, length, kernel, bias, scale=None):  # -> (batch, length, heads, head_dim)
             kernel = ops.reshape(kernel, (width, heads * head_dim))
             bias = ops.reshape(bias, (heads * head_dim,))
             if scale is not None:
                 kernel, bias = kernel * scale, bias * scale
-            return ops.reshape(ops.matmul(rows, kernel) + bias, (-1, tokens, heads, head_dim))
+            rows = ops.reshape(inputs, (-1, width))
+            return ops.reshape(ops.matmul(rows, kernel) + bias, (-1, length, heads, head_dim))
 
-        q = project(self.query_kernel, self.query_bias, 1.0 / math.sqrt(head_dim))
-        k = project(self.key_kernel, self.key_bias)
-        v = project(self.value_kernel, self.value_bias)
+        q = project(queries, query_tokens, self.query_kernel, self.query_bias,
+                    1.0 / math.sqrt(head_dim))
+        k = project(x, tokens, self.key_kernel, self.key_bias)
+        v = project(x, tokens, self.value_kernel, self.value_bias)
         weights = None
         if (return_attention_scores or (training and self.dropout_rate > 0)
                 or keras.backend.backend() == "tensorflow"):
@@ -95,7 +102,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             out = ops.dot_product_attention(q, k, v, scale=1.0)
         out = ops.matmul(ops.reshape(out, (-1, heads * head_dim)),
                          ops.reshape(self.out_kernel, (heads * head_dim, width))) + self.out_bias
-        out = ops.reshape(out, (-1, tokens, width))
+        out = ops.reshape(out, (-1, query_tokens, width))
         return (out, weights) if return_attention_scores else out
 
     def get_config(self):

@@ -69,6 +69,11 @@ class TransformerBlock(keras.layers.Layer):
         drop_path_rate: float, stochastic-depth rate of this block.
         gelu: "tanh" or "erf", see `MlpBlock`.
         layer_norm_epsilon: float, 1e-6 as the reference.
+
+    Called with `class_token_only=True`, it returns the class token's output alone,
+    `(batch, 1, D)`, the same values as the first token of the full output: the last
+    block of a class-token model needs no more, so its MLP and the query and output
+    projections run on one token instead of all of them.
     """
 
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0, attention_dropout_rate=0.0,
@@ -99,10 +104,13 @@ class TransformerBlock(keras.layers.Layer):
         for layer in (self.norm_1, self.attention, self.norm_2, self.mlp):
             layer.build(input_shape)
 
-    def call(self, x, training=None, return_attention_scores=False):
+    def call(self, x, training=None, return_attention_scores=False, class_token_only=False):
         y = self.attention(self.norm_1(x), training=training,
-                           return_attention_scores=return_attention_scores)
+                           return_attention_scores=return_attention_scores,
+                           class_token_only=class_token_only)
         y, scores = y if return_attention_scores else (y, None)
+        if class_token_only:
+            x = x[:, :1]
         x = x + self.drop_path(self.dropout(y, training=training), training=training)
         x = x + self.drop_path(self.mlp(self.norm_2(x), training=training), training=training)
         return (x, scores) if return_attention_scores else x
