@@ -30,8 +30,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     the kernels viewed as `(D, heads * head_dim)`, and on TensorFlow the attention
     as head-major batch matmuls with a float32 softmax (oneDNN fuses the bias adds;
     measured faster than the einsum form). Other backends use the fused
-    `keras.ops.dot_product_attention` unless attention weights are asked for or
-    attention dropout is active.
+    `keras.ops.dot_product_attention` unless attention weights are asked for,
+    attention dropout is active or only the class token asks queries.
 
     Called with `class_token_only=True`, only the first token (the class token) asks
     queries, over the keys and values of every token: the output is `(batch, 1, D)`,
@@ -90,7 +90,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         k = project(x, tokens, self.key_kernel, self.key_bias)
         v = project(x, tokens, self.value_kernel, self.value_bias)
         weights = None
-        if (return_attention_scores or (training and self.dropout_rate > 0)
+        # One query (class_token_only) is cheap either way, and some fused kernels (JAX's
+        # Splash attention) expect as many queries as keys.
+        if (return_attention_scores or (training and self.dropout_rate > 0) or class_token_only
                 or keras.backend.backend() == "tensorflow"):
             logits = ops.matmul(ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 3, 1)))
             # Softmax in float32: float16 logits overflow for long sequences.
