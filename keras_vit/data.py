@@ -149,40 +149,57 @@ def _load_files(paths, labels, image_size):
                   num_parallel_calls=AUTOTUNE)
 
 
+SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+
+
 def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
-    """An image folder with one sub-folder per class. If it holds train/ and test/ (and
-    optionally validation/ or val/) sub-folders, those are the splits; otherwise the
-    splits are drawn from it, stratified by class."""
+    """An image folder with one sub-folder per class. If it holds a train/ folder (with
+    optionally test/ and validation/ or val/ beside it, each with the same class folders),
+    those are the splits and a missing one is drawn from train/; otherwise every split is
+    drawn from the class folders, stratified by class."""
     root = Path(root).expanduser()
-    if (root / "train").is_dir() and (root / "test").is_dir():
-        paths, labels, class_names, skipped = scan_folder(root / "train")
-        test_paths, test_labels, test_classes, test_skipped = scan_folder(root / "test")
-        if test_classes != class_names:
-            raise DataError(f"{root}/train and {root}/test have different class folders: "
-                            f"{class_names} vs {test_classes}.")
-        skipped += test_skipped
-        val_dir = next((root / d for d in ("validation", "val") if (root / d).is_dir()), None)
-        if val_dir is not None:
-            val_paths, val_labels, _, val_skipped = scan_folder(val_dir)
-            skipped += val_skipped
-            train_idx = np.arange(len(paths))
-        else:
-            train_idx, val_idx = _split_indices(labels, [validation_split], seed)
-            val_paths, val_labels = [paths[i] for i in val_idx], labels[val_idx]
-        splits = {"train": ([paths[i] for i in train_idx], labels[train_idx]),
-                  "validation": (val_paths, val_labels), "test": (test_paths, test_labels)}
-    else:
+    split_dirs = {split: next((root / d for d in names if (root / d).is_dir()), None)
+                  for split, names in SPLIT_FOLDERS.items()}
+    if split_dirs["train"] is None:
         paths, labels, class_names, skipped = scan_folder(root)
         train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
         splits = {name: ([paths[i] for i in idx], labels[idx])
                   for name, idx in (("train", train), ("validation", validation), ("test", test))}
+    else:
+        split_names = {d for names in SPLIT_FOLDERS.values() for d in names}
+        strays = sorted(d.name for d in root.iterdir()
+                        if d.is_dir() and d.name not in split_names and not d.name.startswith("."))
+        if strays:
+            raise DataError(f"{root} holds a train/ folder and other folders ({', '.join(strays)}): "
+                            "put the class folders inside train/ (and test/, val/), or give the "
+                            "folder that holds the class folders.")
+        paths, labels, class_names, skipped = scan_folder(split_dirs["train"])
+        given = {}
+        for split in ("validation", "test"):
+            if split_dirs[split] is not None:
+                split_paths, split_labels, split_classes, split_skipped = \
+                    scan_folder(split_dirs[split])
+                if split_classes != class_names:
+                    raise DataError(f"{split_dirs['train']} and {split_dirs[split]} have "
+                                    f"different class folders: {class_names} vs {split_classes}.")
+                given[split] = (split_paths, split_labels)
+                skipped += split_skipped
+        drawn = [split for split in ("validation", "test") if split not in given]
+        fractions = {"validation": validation_split, "test": test_split}
+        train_idx, *drawn_idx = _split_indices(labels, [fractions[s] for s in drawn], seed)
+        given.update({split: ([paths[i] for i in idx], labels[idx])
+                      for split, idx in zip(drawn, drawn_idx)})
+        splits = {"train": ([paths[i] for i in train_idx], labels[train_idx]),
+                  "validation": given["validation"], "test": given["test"]}
     datasets = {name: _load_files(p, y, image_size) for name, (p, y) in splits.items()}
     return Data(**datasets, class_names=class_names,
                 sizes={name: len(p) for name, (p, _) in splits.items()}, skipped=skipped)
 
 
-def load_tfds(name, image_size, data_dir=None, validation_split=0.1):
-    """A TFDS image-classification dataset already prepared in `data_dir` (never downloads)."""
+def load_tfds(name, image_size, data_dir=None, validation_split=0.1, test_split=0.1):
+    """A TFDS image-classification dataset already prepared in `data_dir` (never downloads).
+    Its train, validation and test splits are used; a missing validation or test split is
+    cut from train (`validation_split`, `test_split` of it)."""
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     # Look for the prepared files first: answering "not prepared" must take no time, and
     # creating a TFDS builder imports its dataset code (seconds on a cold start).
@@ -204,12 +221,18 @@ def load_tfds(name, image_size, data_dir=None, validation_split=0.1):
         raise DataError(f"TFDS dataset {name!r} has no image/label features "
                         f"({list(info.features)}); it is not an image-classification dataset.")
     splits = info.splits
-    if "validation" in splits:
-        split_names = {"train": "train", "validation": "validation"}
-    else:
-        percent = int(round(100 * (1 - validation_split)))
-        split_names = {"train": f"train[:{percent}%]", "validation": f"train[{percent}%:]"}
-    split_names["test"] = "test" if "test" in splits else split_names["validation"]
+    # A split the dataset lacks is cut from the end of train: the test split stays held out.
+    drawn = {"validation": validation_split, "test": test_split}
+    drawn = {split: int(round(100 * fraction)) for split, fraction in drawn.items()
+             if split not in splits}
+    start = 100 - sum(drawn.values())
+    split_names = {"train": f"train[:{start}%]" if drawn else "train"}
+    for split in ("validation", "test"):
+        if split in drawn:
+            split_names[split] = f"train[{start}%:{start + drawn[split]}%]"
+            start += drawn[split]
+        else:
+            split_names[split] = split
 
     def prepare(example):
         return resize_image(to_rgb(example[image_key]), image_size), \
@@ -241,7 +264,8 @@ def load_data(spec, image_size, *, data_dir=None, validation_split=0.1, test_spl
         return load_folder(value, image_size, validation_split,
                            0.1 if test_split is None else test_split, seed)
     if kind == "tfds" and value:
-        return load_tfds(value, image_size, data_dir, validation_split)
+        return load_tfds(value, image_size, data_dir, validation_split,
+                         0.1 if test_split is None else test_split)
     raise DataError(f"Unknown --data {spec!r}: use digits (embedded), folder:PATH (one "
                     "sub-folder per class) or tfds:NAME (with --data-dir).")
 

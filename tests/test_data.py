@@ -70,6 +70,46 @@ def test_every_format_loads_as_rgb_at_the_model_size(image_folder):
     assert counts["validation"] >= 4 and counts["test"] >= 4  # stratified: some of each class
 
 
+def write_split_folders(root, counts):
+    """root/SPLIT/CLASS/*.png with counts[SPLIT] images per class."""
+    for split, count in counts.items():
+        for label in ("daisy", "tulip"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(count):
+                write_image(root / split / label / f"{i}.png", "RGB", "PNG", size=(8, 8), seed=i)
+
+
+@pytest.mark.parametrize("given", [("train", "val"), ("train", "test"),
+                                   ("train", "validation", "test"), ("train",)])
+def test_split_folders_are_the_splits_and_missing_ones_come_from_train(tmp_path, given):
+    counts = {"train": 10, "val": 3, "validation": 3, "test": 4}
+    write_split_folders(tmp_path, {split: counts[split] for split in given})
+    data = load_folder(tmp_path, (8, 8), validation_split=0.2, test_split=0.3)
+    assert data.class_names == ["daisy", "tulip"]  # never the split names
+    drawn = {"validation": 2 * 2, "test": 2 * 3}  # 20% and 30% of each class's 10 train images
+    expected_val = 2 * 3 if {"val", "validation"} & set(given) else drawn["validation"]
+    expected_test = 2 * 4 if "test" in given else drawn["test"]
+    expected_train = 2 * 10 - (0 if {"val", "validation"} & set(given) else drawn["validation"]) \
+        - (0 if "test" in given else drawn["test"])
+    assert data.sizes == {"train": expected_train, "validation": expected_val,
+                          "test": expected_test}
+    labels = {split: sorted(y for _, y in getattr(data, split).as_numpy_iterator())
+              for split in ("train", "validation", "test")}
+    assert all(set(y) == {0, 1} for y in labels.values())  # stratified: both classes
+
+
+def test_split_folders_with_stray_or_mismatched_classes_say_what_to_do(tmp_path):
+    write_split_folders(tmp_path / "a", {"train": 2, "val": 2})
+    (tmp_path / "a" / "rose").mkdir()
+    with pytest.raises(DataError, match=r"train/ folder and other folders \(rose\).*inside train/"):
+        load_folder(tmp_path / "a", (8, 8))
+    write_split_folders(tmp_path / "b", {"train": 2, "test": 2})
+    (tmp_path / "b" / "test" / "rose").mkdir()
+    write_image(tmp_path / "b" / "test" / "rose" / "0.png", "RGB", "PNG")
+    with pytest.raises(DataError, match="different class folders"):
+        load_folder(tmp_path / "b", (8, 8))
+
+
 def test_grayscale_becomes_three_equal_channels(tmp_path):
     import tensorflow as tf
 
