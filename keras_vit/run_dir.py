@@ -1,7 +1,7 @@
 """The run folder: what training leaves behind and export/predict read.
 
     runs/NAME/
-      config.json     build kwargs, class names, image size, data spec, training flags
+      config.json     class names, image size, data spec, training flags
       model.keras     the trained model (inputs in [-1, 1], outputs logits)
       samples.npz     uint8 images at the model's size: calibration_images (training data, for
                       int8 calibration), test_images + test_labels (held out, for verification)

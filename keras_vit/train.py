@@ -110,13 +110,23 @@ def add_arguments(parser):
 
 
 def parse_image_size(text):
-    height, _, width = str(text).lower().partition("x")
-    return [int(height), int(width or height)]
+    """"224" -> [224, 224]; "224x320" -> [224, 320] (height x width)."""
+    height, sep, width = str(text).lower().partition("x")
+    try:
+        size = [int(height), int(width if sep else height)]
+    except ValueError:
+        size = None
+    if size is None or min(size) < 1:
+        raise ValueError(f"--image-size {text!r} is not a size: give one number (224) or "
+                         "HEIGHTxWIDTH (224x320).")
+    return size
 
 
 def resolve_config(args):
     """The run's full configuration: explicit flags over preset over per-data defaults."""
     config = dict(DATA_DEFAULTS["digits" if args.data == "digits" else "other"])
+    if args.variant is not None:  # the per-data patch size and depth go with its own variant
+        config.update(patch_size=None, depth=None)
     config.update(optimizer="adamw")
     config.update(PRESETS[args.preset])
     for key, value in vars(args).items():
@@ -131,7 +141,8 @@ def data_name(spec):
 
 
 def choose_run_dir(config):
-    """The run folder. An unfinished run there is resumed (same configuration required);
+    """The run folder. An unfinished run there is resumed from its backup (same
+    configuration required; one that stopped before its first backup is started afresh);
     a finished one is kept and this run goes to a new numbered folder instead."""
     from keras_vit.run_dir import CONFIG_FILE
 
@@ -143,6 +154,8 @@ def choose_run_dir(config):
             return candidate, False
         previous = json.loads(config_path.read_text())
         if not previous.get("finished"):
+            if not (candidate / "backup").exists():  # it never trained a step: nothing to keep
+                return candidate, False
             mismatched = {k: (previous.get(k), config.get(k)) for k in RESUME_KEYS
                           if previous.get(k) != config.get(k)}
             if mismatched:
@@ -256,6 +269,14 @@ def train(config):
     from keras_vit.layers import patch_grid
     from keras_vit.variants import parse_variant
 
+    # Model settings are checked before the data loads or the run folder is written.
+    try:
+        stride = parse_variant(config["variant"], config["patch_size"]).stride
+        height, width = config["image_size"]
+        rows, cols = patch_grid(height, width, stride)
+    except ValueError as err:
+        raise SystemExit(f"keras-vit train: {err}") from None
+    tokens = rows * cols
     chief = distribute.is_chief(strategy)
     run_dir, resuming = choose_run_dir(config)
     work_dir = Path(distribute.worker_dir(run_dir, strategy))
@@ -268,9 +289,13 @@ def train(config):
     keras.utils.set_random_seed(config["seed"])
     start = time.time()
 
-    data = data_lib.load_data(config["data"], config["image_size"], data_dir=config["data_dir"],
-                              validation_split=config["validation_split"],
-                              test_split=config["test_split"], seed=config["seed"])
+    try:
+        data = data_lib.load_data(config["data"], config["image_size"],
+                                  data_dir=config["data_dir"],
+                                  validation_split=config["validation_split"],
+                                  test_split=config["test_split"], seed=config["seed"])
+    except data_lib.DataError as err:
+        raise SystemExit(f"keras-vit train: {err}") from None
     if data.skipped:
         print(f"Skipped {len(data.skipped)} unreadable file(s) (not decodable as "
               "JPEG/PNG/BMP/GIF):", *data.skipped[:20], sep="\n  ")
@@ -282,17 +307,9 @@ def train(config):
     jit = pick_jit_compile(config, precision, strategy)
 
     config.update(num_classes=num_classes, class_names=data.class_names, precision=precision,
-                  steps_per_epoch=spe, replicas=replicas, finished=False,
-                  model=dict(variant=config["variant"], image_size=config["image_size"],
-                             num_classes=num_classes, patch_size=config["patch_size"],
-                             depth=config["depth"], pooling=config["pooling"],
-                             gelu=config["gelu"]))
+                  steps_per_epoch=spe, replicas=replicas, finished=False)
     if chief:
         run_lib.write_config(run_dir, config)
-    stride = parse_variant(config["variant"], config["patch_size"]).stride
-    height, width = config["image_size"]
-    rows, cols = patch_grid(height, width, stride)
-    tokens = rows * cols
     print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
           f"({height}x{width} images, {tokens} tokens of {stride}x{stride} px) on "
           f"{config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
@@ -425,5 +442,9 @@ def _samples(data, num_classes, calibration=256, test_cap=2000):
 
 
 def run(args):
-    code, _ = train(resolve_config(args))
+    try:
+        config = resolve_config(args)
+    except ValueError as err:
+        raise SystemExit(f"keras-vit train: {err}") from None
+    code, _ = train(config)
     return code

@@ -76,8 +76,7 @@ def make_run(path, gelu="tanh"):
     # The last quarter of the labels is wrong on purpose: accuracy must then follow the labels.
     labels = true_labels.copy()
     labels[18:] = (labels[18:] + 1) % 3
-    config = {"class_names": CLASS_NAMES, "image_size": [SIZE, SIZE], "data": "synthetic",
-              "model": build_kwargs}
+    config = {"class_names": CLASS_NAMES, "image_size": [SIZE, SIZE], "data": "synthetic"}
     save_run(path, model, config, {"calibration_images": train, "test_images": test,
                                    "test_labels": labels})
     return model, test, labels
@@ -577,3 +576,33 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "no test_images" in capsys.readouterr().err
     with pytest.raises(ValueError, match="formats"):
         export_run(tmp_path / "bare", tmp_path / "o", formats=("pickle",))
+
+
+# --- a mixed-precision run exports in float32 with the structure it trained with --------------
+
+def test_mixed_precision_run_exports_its_own_structure_in_float32(tmp_path):
+    """A bfloat16 run whose build took GAP pooling, the exact GELU and a pre-logits layer
+    (as from a checkpoint) exports as float32 with that same structure and its weights."""
+    build_kwargs = dict(variant="Ti/16", image_size=SIZE, patch_size=8, num_classes=3,
+                        depth=2, gelu="erf", pooling="gap", representation_size=16)
+    keras.utils.set_random_seed(1)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        trained = keras_vit.build(**build_kwargs)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    randomize_weights(trained)
+    test, labels = color_images(8, seed=2)
+    save_run(tmp_path / "run", trained, {"class_names": CLASS_NAMES, "image_size": [SIZE, SIZE],
+                                         "data": "synthetic"},
+             {"test_images": test, "test_labels": labels})
+    report = export_run(tmp_path / "run", tmp_path / "out", formats=("savedmodel",),
+                        verbose=False)
+    assert report.verified  # against the float32 Keras model
+    reference = keras_vit.build(**build_kwargs)  # float32, the same structure
+    reference.set_weights(trained.get_weights())
+    loaded = tf.saved_model.load(str(tmp_path / "out" / "1"))
+    served = loaded.signatures["predict_images_uint8"](images=tf.constant(test))
+    assert np.abs(served["probabilities"].numpy()
+                  - keras_probabilities(reference, test)).max() <= 1e-5

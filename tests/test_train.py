@@ -137,10 +137,47 @@ def test_resuming_with_other_flags_is_refused(tmp_path):
     from keras_vit.train import choose_run_dir
 
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "backup").mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"finished": False, "variant": "S/16"}))
     with pytest.raises(SystemExit, match="different configuration.*variant"):
         choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"})
+
+
+def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
+    from keras_vit.train import choose_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()  # stopped before its first backup: nothing trained, nothing to keep
+    (out / "config.json").write_text(json.dumps({"finished": False, "variant": "S/16"}))
+    assert choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"}) == (out, False)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--variant", "Ti16"], "Unknown ViT variant 'Ti16'"),
+    (["--image-size", "224x"], "--image-size '224x' is not a size.*HEIGHTxWIDTH"),
+    (["--image-size", "9"], "not divisible by the patch size"),
+    (["--data", "folder:/no/such/folder"], "does not exist"),
+])
+def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message):
+    from keras_vit import cli
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["train", "--out", str(out), *TINY, *flags])
+    assert not (out / "config.json").exists()  # so the corrected command starts afresh
+
+
+def test_digits_defaults_shape_only_the_default_variant():
+    import argparse
+
+    from keras_vit.train import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = resolve_config(parser.parse_args([]))
+    assert (default["variant"], default["patch_size"], default["depth"]) == ("R+Ti/16", 1, 6)
+    chosen = resolve_config(parser.parse_args(["--variant", "S/16", "--image-size", "32"]))
+    assert (chosen["variant"], chosen["patch_size"], chosen["depth"]) == ("S/16", None, None)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
@@ -168,9 +205,9 @@ def test_missing_tfds_dataset_fails_fast_with_how_to_prepare_it(tmp_path):
     assert time.time() - start < 1.0
 
 
-def _prepare_tfds_dataset(data_dir, name):
+def _prepare_tfds_dataset(data_dir, name, with_test=True):
     """A real prepared TFDS dataset on disk (the files `tfds build` writes): grayscale digit
-    images of two sizes under train and test splits, with named classes."""
+    images of two sizes under train and (if `with_test`) test splits, with named classes."""
     import tensorflow_datasets as tfds
     from sklearn.datasets import load_digits
 
@@ -190,7 +227,7 @@ def _prepare_tfds_dataset(data_dir, name):
         name=name, version="1.0.0", features=features, data_dir=str(data_dir),
         disable_shuffling=True,  # examples stay in order: the test compares them
         split_datasets={"train": list(examples(range(0, 300))),
-                        "test": list(examples(range(300, 400)))})
+                        **({"test": list(examples(range(300, 400)))} if with_test else {})})
     return gray, digits.target
 
 
@@ -208,6 +245,20 @@ def test_a_prepared_tfds_dataset_loads_by_name_with_its_splits_and_classes(tmp_p
     # Grayscale arrives as RGB at the model's size.
     expected = resize_image(np.repeat(gray[300][..., None], 3, -1), (16, 16)).numpy()
     assert np.abs(test_images[0].astype(int) - expected).max() <= 1
+
+
+def test_a_tfds_dataset_without_a_test_split_holds_one_out_of_train(tmp_path):
+    from keras_vit.data import load_data
+
+    _, labels = _prepare_tfds_dataset(tmp_path, "train_only_digits", with_test=False)
+    data = load_data("tfds:train_only_digits", (8, 8), data_dir=str(tmp_path),
+                     validation_split=0.1, test_split=0.2)
+    assert data.sizes == {"train": 210, "validation": 30, "test": 60}
+    split_labels = {split: [y for _, y in getattr(data, split).as_numpy_iterator()]
+                    for split in ("train", "validation", "test")}
+    # The three are disjoint slices of train, in order (the test never seen in training).
+    assert split_labels["train"] + split_labels["validation"] + split_labels["test"] \
+        == list(labels[:300])
 
 
 def test_train_runs_on_a_prepared_tfds_dataset_in_a_fresh_process(tmp_path):

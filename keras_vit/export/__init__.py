@@ -410,19 +410,19 @@ def _float32_policy():
 
 
 def _float32_model(run):
-    """The run's model with float32 layers (a mixed-precision model is rebuilt from
-    config.json's build kwargs and given the same weights)."""
+    """The run's model with float32 layers: a mixed-precision model is cloned layer by layer
+    with float32 policies (same structure, call arguments and weights, whatever the build
+    took from a checkpoint) and given the same weights."""
     model = run.model
     policies = {layer.dtype_policy.name for layer in model._flatten_layers(include_self=True)}
     if policies <= {"float32"}:
         return model
-    import keras_vit
+    import keras
 
-    kwargs = dict(run.config.get("model") or {})
-    if "variant" not in kwargs:
-        raise ValueError(f"{run.path}: the model uses dtype policies {sorted(policies)} and "
-                         "config.json has no build kwargs under 'model' to rebuild it in float32")
-    rebuilt = keras_vit.build(**kwargs)
+    def float32_layer(layer):
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    rebuilt = keras.models.clone_model(model, clone_function=float32_layer)
     rebuilt.set_weights(model.get_weights())
     return rebuilt
 

@@ -64,7 +64,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
             name="out_kernel", shape=(self.num_heads, self.head_dim, width),
             initializer=glorot_uniform_for(2))
         self.out_bias = self.add_weight(name="out_bias", shape=(width,), initializer="zeros")
-        self.attention_dropout = keras.layers.Dropout(self.dropout_rate, name="attention_dropout")
+        self.attention_dropout = keras.layers.Dropout(self.dropout_rate, name="attention_dropout",
+                                                      dtype=self.dtype_policy)
 
     def call(self, x, training=None, return_attention_scores=False, class_token_only=False):
         # Each projection is one 2D matmul over the (batch * tokens, width) rows and the

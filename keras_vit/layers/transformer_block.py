@@ -32,7 +32,7 @@ class MlpBlock(keras.layers.Layer):
                      dtype=self.dtype_policy)
         self.dense_0 = keras.layers.Dense(self.mlp_dim, name="Dense_0", **dense)
         self.dense_1 = keras.layers.Dense(input_shape[-1], name="Dense_1", **dense)
-        self.dropout = keras.layers.Dropout(self.dropout_rate)
+        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy)
         self.dense_0.build(input_shape)
         self.dense_1.build(tuple(input_shape[:-1]) + (self.mlp_dim,))
 
@@ -99,8 +99,8 @@ class TransformerBlock(keras.layers.Layer):
             epsilon=self.layer_norm_epsilon, name="LayerNorm_2", dtype=policy)
         self.mlp = MlpBlock(self.mlp_dim, self.dropout_rate, self.gelu,
                             name="MlpBlock_3", dtype=policy)
-        self.dropout = keras.layers.Dropout(self.dropout_rate)
-        self.drop_path = DropPath(self.drop_path_rate)
+        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=policy)
+        self.drop_path = DropPath(self.drop_path_rate, dtype=policy)
         for layer in (self.norm_1, self.attention, self.norm_2, self.mlp):
             layer.build(input_shape)
 
