@@ -322,6 +322,8 @@ def test_unreadable_and_unknown_files(tmp_path):
         read_checkpoint(tmp_path / "other.npz")
     with pytest.raises(FileNotFoundError):
         keras_vit.build(TINY, weights=str(tmp_path / "absent.npz"))
+    with pytest.raises(FileNotFoundError, match="No weights file .*absent.weights.h5"):
+        keras_vit.build(TINY, weights=str(tmp_path / "absent.weights.h5"))
     (tmp_path / "w.onnx").write_bytes(b"")
     with pytest.raises(CheckpointError, match="Unknown checkpoint format"):
         keras_vit.build(TINY, weights=str(tmp_path / "w.onnx"))
@@ -341,6 +343,16 @@ def test_save_npz_round_trip_and_keras_weights_files_still_load(tmp_path):
     h5 = keras_vit.build(TINY, image_size=64, num_classes=CLASSES, representation_size=16,
                          weights=str(tmp_path / "ours.weights.h5"))
     np.testing.assert_array_equal(ours(h5, x), ours(model, x))
+
+
+@pytest.mark.parametrize("size", [(16, 64), (32, 96)])  # 1x4 grid (4 = 2x2 tokens), 2x6
+def test_save_npz_keeps_a_non_square_grid(tmp_path, size):
+    model = randomize_weights(keras_vit.build(TINY, image_size=size, num_classes=CLASSES))
+    x = images(size)
+    save_npz(model, tmp_path / "wide.npz")
+    again = keras_vit.build(TINY, image_size=size, num_classes=CLASSES,
+                            weights=str(tmp_path / "wide.npz"))
+    np.testing.assert_array_equal(ours(again, x), ours(model, x))
 
 
 def test_big_vision_sincos2d_checkpoint_gets_the_fixed_table(peer, tmp_path):

@@ -61,6 +61,8 @@ def open_weights(weights, variant=None):
         return weights
     text = os.fspath(weights)
     if text.endswith(".h5") or text.endswith(".keras"):
+        if not os.path.exists(text):
+            raise FileNotFoundError(f"No weights file {text!r}.")
         return None
     looks_like_name = not os.path.splitext(text)[1] and os.sep not in text
     if not os.path.exists(text) and (is_name(text) or looks_like_name):

@@ -21,6 +21,7 @@ from keras_vit.checkpoints.resample import (posemb_sincos_2d, resample_position_
                                             square_grid)
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
+POSEMB_GRID = "keras_vit/posemb_grid"  # (rows, cols), written by save_npz for non-square grids
 
 
 class CheckpointError(ValueError):
@@ -53,10 +54,14 @@ class Checkpoint:
         gelu: "tanh" (JAX checkpoints) or "erf" (PyTorch ones): the GELU it was trained with.
         sincos2d: bool, big_vision fixed sin-cos position embeddings (none stored).
         ignored: list of file keys left out on purpose (e.g. optimizer state).
+        grid: (rows, cols) of the position table when the file records it (`save_npz`
+            does for grids that are not square), else None: square, inferred.
     """
 
-    def __init__(self, params, *, path, layout, gelu, namer=None, sincos2d=False, ignored=()):
+    def __init__(self, params, *, path, layout, gelu, namer=None, sincos2d=False, ignored=(),
+                 grid=None):
         self.params = dict(params)
+        self.grid = tuple(int(n) for n in grid) if grid is not None else None
         self.path = str(path)
         self.layout = layout
         self.gelu = gelu
@@ -246,7 +251,8 @@ def _position_embeddings(checkpoint, params, info, interpolation, source_grid, p
     if table.shape[-1] != shape[-1]:
         problems.append(f"shape mismatch: {_describe(entry)}; the model expects {shape}")
         return None
-    old_grid = tuple(source_grid) if source_grid is not None else square_grid(cells)
+    old_grid = (tuple(source_grid) if source_grid is not None
+                else checkpoint.grid or square_grid(cells))
     same_grid = old_grid is None or old_grid == grid
     if table.shape[1] == shape[1] and same_grid and slot == int(has_cls):
         return table
@@ -363,8 +369,9 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
         raise CheckpointError(
             f"Checkpoint {checkpoint.path} ({checkpoint.layout} layout) does not fit model "
             f"{model.name!r}:\n  " + "\n  ".join(listed[:25]) + more +
-            ("\nCheck the variant, image size and pooling; strict=False loads the keys that "
-             "fit." if strict else ""))
+            ("\nCheck the variant, image size and pooling" +
+             ("; strict=False skips missing and extra keys (never mis-shaped ones)."
+              if strict and (missing or extras) else ".")))
     if missing or extras:
         _warn("Not loaded (strict=False):\n  " + "\n  ".join(missing + extras))
     for variable, value in assignments:
@@ -383,11 +390,15 @@ def save_npz(model, path):
 
     The file has the key layout of the published checkpoints (see
     `keras_vit.checkpoints`), so it loads back with `build(..., weights=path)`
-    and into the JAX reference code.
+    and into the JAX reference code. A grid that is not square (e.g. 224x320 images) is
+    recorded under `POSEMB_GRID`, which the reference ignores, so a 2x8 table is not
+    read back as 4x4.
     """
     targets, info = model_targets(model)
     arrays = {key: keras.ops.convert_to_numpy(variable).reshape(shape)
               for key, (variable, shape) in targets.items()}
     arrays[POSEMB] = keras.ops.convert_to_numpy(info["pos_embedding"])
+    if info["grid"][0] != info["grid"][1]:
+        arrays[POSEMB_GRID] = np.asarray(info["grid"], np.int64)
     np.savez(path, **arrays)
     return str(path)

@@ -20,7 +20,7 @@ import zipfile
 
 import numpy as np
 
-from keras_vit.checkpoints.core import POSEMB, Checkpoint, CheckpointError, Entry
+from keras_vit.checkpoints.core import POSEMB, POSEMB_GRID, Checkpoint, CheckpointError, Entry
 from keras_vit.checkpoints.resample import square_grid
 
 _PREFIXES = ("params/img/", "params/", "opt/target/", "")
@@ -53,6 +53,7 @@ def read_npz_arrays(path):
 def read_npz(path):
     """Reads an original vit_jax / AugReg or big_vision `.npz` into a `Checkpoint`."""
     raw = read_npz_arrays(path)
+    grid = raw.pop(POSEMB_GRID, None)
     prefix = next((p for p in _PREFIXES if f"{p}embedding/kernel" in raw), None)
     if prefix is None:
         sample = ", ".join(sorted(raw)[:8])
@@ -116,4 +117,5 @@ def read_npz(path):
         return prefix + name
 
     return Checkpoint(params, path=path, layout="big_vision" if big_vision else "vit_jax",
-                      gelu="tanh", namer=namer, sincos2d=sincos2d, ignored=ignored)
+                      gelu="tanh", namer=namer, sincos2d=sincos2d, ignored=ignored,
+                      grid=None if grid is None else grid.tolist())
