@@ -139,9 +139,13 @@ class Predictor:
                 "tflite": "TFLite, LiteRT runtime", "onnx": "ONNX, onnxruntime",
                 "keras": "Keras model"}[self.kind]
 
-    def _label(self, i):
+    def _label(self, i, baked=None):
         names = self.class_names
-        return names[i] if names and i < len(names) else f"class_{i}"
+        if names and i < len(names):
+            return names[i]
+        if baked and i in baked:  # a SavedModel's own names for its top classes
+            return baked[i]
+        return f"class_{i}"
 
     def probabilities(self, images):
         """Decoded uint8 images (any sizes) -> probabilities [n, classes] (not SavedModel)."""
@@ -170,19 +174,22 @@ class Predictor:
         results = []
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start:start + batch_size]
+            baked = [None] * len(batch)
             if self.kind == "savedmodel":
                 import tensorflow as tf
 
+                # All the probabilities, so --top-k is not capped at the k baked into the
+                # signature and --labels (or labels.txt) names every class.
                 out = self._fn(image_bytes=tf.constant([data for data, _ in batch]))
-                scores = out["top_k_scores"].numpy()[:, :top_k]
-                labels = out["top_k_labels"].numpy()[:, :top_k]
-                results += [[(lab.decode("utf-8"), float(s)) for lab, s in zip(row_l, row_s)]
-                            for row_l, row_s in zip(labels, scores)]
+                probs = out["probabilities"].numpy()
+                baked = [{int(i): label.decode("utf-8") for i, label in zip(row_i, row_l)}
+                         for row_i, row_l in zip(out["top_k_indices"].numpy(),
+                                                 out["top_k_labels"].numpy())]
             else:
                 probs = self.probabilities([image for _, image in batch])
-                order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-                results += [[(self._label(int(i)), float(p[i])) for i in row]
-                            for p, row in zip(probs, order)]
+            order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
+            results += [[(self._label(int(i), names), float(p[i])) for i in row]
+                        for p, row, names in zip(probs, order, baked)]
         return results
 
 

@@ -97,9 +97,10 @@ def test_cli_json_and_top_k(setup, capsys):
         [CLASS_NAMES[i] for i in np.argsort(-setup["expected"][0])[:2]]
 
 
-def test_labels_file_overrides(setup, capsys, tmp_path):
+@pytest.mark.parametrize("model", ["tiny_float32.tflite", "1"])
+def test_labels_file_overrides(setup, capsys, tmp_path, model):
     (tmp_path / "names.txt").write_text("R\nG\nB\n")
-    assert cli.main(["predict", str(setup["out"] / "tiny_float32.tflite"),
+    assert cli.main(["predict", str(setup["out"] / model),
                      str(setup["paths"][0]), "--labels", str(tmp_path / "names.txt")]) == 0
     best = "RGB"[int(setup["expected"][0].argmax())]
     assert f"1. {best} " in capsys.readouterr().out
