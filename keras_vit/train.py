@@ -125,7 +125,7 @@ def parse_image_size(text):
 def resolve_config(args):
     """The run's full configuration: explicit flags over preset over per-data defaults."""
     config = dict(DATA_DEFAULTS["digits" if args.data == "digits" else "other"])
-    if args.variant is not None:  # the per-data patch size and depth go with its own variant
+    if args.variant not in (None, config["variant"]):  # the default patch size and depth
         config.update(patch_size=None, depth=None)
     config.update(optimizer="adamw")
     config.update(PRESETS[args.preset])

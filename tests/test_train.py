@@ -178,6 +178,8 @@ def test_digits_defaults_shape_only_the_default_variant():
     assert (default["variant"], default["patch_size"], default["depth"]) == ("R+Ti/16", 1, 6)
     chosen = resolve_config(parser.parse_args(["--variant", "S/16", "--image-size", "32"]))
     assert (chosen["variant"], chosen["patch_size"], chosen["depth"]) == ("S/16", None, None)
+    same = resolve_config(parser.parse_args(["--variant", "R+Ti/16"]))
+    assert (same["patch_size"], same["depth"]) == (1, 6)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
