@@ -240,9 +240,13 @@ def load_tfds(name, image_size, data_dir=None, validation_split=0.1, test_split=
 
     datasets, sizes = {}, {}
     for split, spec in split_names.items():
-        datasets[split] = builder.as_dataset(split=spec, shuffle_files=False).map(
+        empty = drawn.get(split) == 0  # e.g. --validation-split 0: TFDS refuses empty slices
+        datasets[split] = builder.as_dataset(split="train" if empty else spec,
+                                             shuffle_files=False).map(
             prepare, num_parallel_calls=AUTOTUNE)
-        sizes[split] = int(splits[spec].num_examples)
+        if empty:
+            datasets[split] = datasets[split].take(0)
+        sizes[split] = 0 if empty else int(splits[spec].num_examples)
     return Data(**datasets, class_names=list(info.features[label_key].names), sizes=sizes)
 
 

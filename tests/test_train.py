@@ -261,6 +261,10 @@ def test_a_tfds_dataset_without_a_test_split_holds_one_out_of_train(tmp_path):
     # The three are disjoint slices of train, in order (the test never seen in training).
     assert split_labels["train"] + split_labels["validation"] + split_labels["test"] \
         == list(labels[:300])
+    no_validation = load_data("tfds:train_only_digits", (8, 8), data_dir=str(tmp_path),
+                              validation_split=0, test_split=0.2)
+    assert no_validation.sizes == {"train": 240, "validation": 0, "test": 60}
+    assert len(list(no_validation.validation)) == 0
 
 
 def test_train_runs_on_a_prepared_tfds_dataset_in_a_fresh_process(tmp_path):
