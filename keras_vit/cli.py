@@ -14,6 +14,8 @@ COMMANDS = {
     "export": ("keras_vit.export", "export a run's model to SavedModel (TF Serving) and TFLite"),
     "predict": ("keras_vit.predict", "top-5 predictions from a SavedModel, .tflite or .keras file"),
     "benchmark": ("keras_vit.benchmark", "images/second against the peers installed here"),
+    "benchmark-accelerator": ("keras_vit.benchmark_accelerator",
+                              "training img/s and MFU on a GPU/TPU (any backend, e.g. JAX)"),
     "attention-map": ("keras_vit.attention_map", "save an attention-rollout overlay for an image"),
 }
 
@@ -21,7 +23,7 @@ COMMANDS = {
 def _usage():
     lines = ["usage: keras-vit COMMAND [options]   (keras-vit COMMAND --help for its options)",
              "", "commands:"]
-    lines += [f"  {name:<14} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<22} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

@@ -34,3 +34,30 @@ def test_benchmark_prints_table_with_ratios(tmp_path):
     assert "matmul peak" in result.stdout
     saved = json.loads(out.read_text())
     assert saved["peak_gflops"] > 0 and len(saved["rows"]) == len(rows)
+
+
+def test_accelerator_benchmark_runs_without_tensorflow_and_reports_mfu():
+    """The GPU benchmark runs where only Keras and another backend are installed (the device
+    machines have Keras on JAX, no TensorFlow): here on the torch backend, tiny settings."""
+    import re
+
+    import pytest
+
+    pytest.importorskip("torch")
+    code = ("import sys; from keras_vit.cli import main; rc = main(sys.argv[1:]); "
+            "print('tensorflow imported:', 'tensorflow' in sys.modules); sys.exit(rc)")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "benchmark-accelerator", "--variant", "Ti/16",
+         "--image-size", "32", "--patch-size", "4", "--depth", "2", "--num-classes", "10",
+         "--batch-size", "8", "--steps", "2", "--repeats", "2", "--matmul-size", "256"],
+        capture_output=True, text=True, timeout=600,
+        env={**os.environ, "KERAS_BACKEND": "torch"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "tensorflow imported: False" in out and "on torch" in out
+    peak = float(re.search(r"matmul peak .*: ([\d.]+) TFLOP/s", out).group(1))
+    speed = float(re.search(r"([\d.]+) img/s", out).group(1))
+    gflop = float(re.search(r"model FLOPs: ([\d.]+) GFLOP/image", out).group(1))
+    mfu = float(re.search(r"MFU ([\d.]+)%", out).group(1))
+    assert peak > 0 and speed > 0
+    assert abs(mfu - 100 * gflop * speed / 1e3 / peak) <= 0.05 * mfu + 0.2

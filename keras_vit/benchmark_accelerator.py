@@ -1,0 +1,188 @@
+"""`keras-vit benchmark-accelerator`: ViT training throughput and model-FLOPs utilisation.
+
+Runs on whatever device the Keras backend uses and needs no TensorFlow: made for a GPU
+machine with Keras on JAX, where a row of `keras-vit benchmark` (TensorFlow on CPU) cannot run.
+
+    KERAS_BACKEND=jax python scripts/benchmark_accelerator.py          # B/16 224, bf16, batch 128
+    KERAS_BACKEND=jax python scripts/benchmark_accelerator.py --variant L/16 --batch-size 64
+
+What is timed is `model.fit` (AdamW, sparse cross-entropy, mixed_bfloat16 by default,
+compiled) over random images held in host memory, as a user's in-memory data would be fed:
+`--steps` steps per timed call, the median of `--repeats` calls after one call that compiles
+and `--warmup` untimed ones. MFU counts the matmul FLOPs of keras-vit's forward pass times
+three (the backward pass does twice the forward's), over the bfloat16 matmul peak measured
+in the same run (the best of large square matmuls) and over the datasheet peak of the GPUs
+named in `DATASHEET_TFLOPS`.
+"""
+
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+
+# Dense bfloat16 tensor-core peaks (TFLOP/s, no sparsity), from NVIDIA's datasheets.
+DATASHEET_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0,
+                    "H200": 989.0, "A100": 312.0, "L4": 121.0}
+
+
+def add_arguments(parser):
+    parser.add_argument("--variant", default="B/16", help="ViT variant (default B/16)")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--depth", type=int, default=None, help="blocks (default: the variant's)")
+    parser.add_argument("--patch-size", type=int, default=None)
+    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="fit steps per timed call")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
+    parser.add_argument("--precision", default="mixed_bfloat16",
+                        choices=["mixed_bfloat16", "mixed_float16", "float32"])
+    parser.add_argument("--matmul-size", type=int, default=8192,
+                        help="side of the square matmuls that measure the peak")
+
+
+def forward_flops(variant, image_size, num_classes):
+    """Matmul FLOPs of one image through keras-vit's forward pass (see `vit_flops`)."""
+    from keras_vit.benchmark import vit_flops
+
+    return vit_flops(variant.width, variant.num_heads, variant.mlp_dim, variant.depth,
+                     image_size, variant.patch_size, classes=num_classes)
+
+
+def _sync(x):
+    import keras
+
+    return keras.ops.convert_to_numpy(keras.ops.sum(keras.ops.cast(x[:1, :1], "float32")))
+
+
+def matmul_peak_tflops(n, dtype, repeats=5, chain=8):
+    """Best TFLOP/s of `chain` dependent n x n matmuls in one compiled call (the device's peak
+    as this backend reaches it)."""
+    import keras
+
+    a = keras.random.normal((n, n), dtype=dtype, seed=0) / n ** 0.5
+    b = keras.random.normal((n, n), dtype=dtype, seed=1) / n ** 0.5
+
+    def chained(x, y):
+        for _ in range(chain):
+            x = keras.ops.matmul(x, y)
+        return x
+
+    compiled = _compile(chained)
+    _sync(compiled(a, b))
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _sync(compiled(a, b))
+        best = max(best, chain * 2 * n ** 3 / (time.perf_counter() - start) / 1e12)
+    return best
+
+
+def _compile(fn):
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.jit(fn)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(fn, jit_compile=True)
+    return fn
+
+
+def device_name():
+    import keras
+
+    backend = keras.backend.backend()
+    try:
+        if backend == "jax":
+            import jax
+
+            device = jax.devices()[0]
+            return f"{device.platform}: {getattr(device, 'device_kind', device)}"
+        if backend == "torch":
+            import torch
+
+            if torch.cuda.is_available():
+                return f"gpu: {torch.cuda.get_device_name(0)}"
+        if backend == "tensorflow":
+            import tensorflow as tf
+
+            gpus = tf.config.list_physical_devices("GPU")
+            if gpus:
+                return f"gpu: {tf.config.experimental.get_device_details(gpus[0]).get('device_name')}"
+    except Exception as err:  # a name is only for the report
+        return f"unknown ({err})"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def datasheet_peak(name):
+    return next((tflops for key, tflops in DATASHEET_TFLOPS.items() if key in name), None)
+
+
+def run(args):
+    import keras
+    import numpy as np
+
+    import keras_vit
+    from keras_vit.variants import parse_variant
+
+    variant = parse_variant(args.variant, args.patch_size)
+    if args.depth:
+        variant = dataclasses.replace(variant, depth=args.depth)
+    if variant.is_hybrid:
+        print("keras-vit benchmark-accelerator: plain ViT variants only (the FLOP count has no "
+              "ResNet stem)", file=sys.stderr)
+        return 2
+    name = device_name()
+    print(f"device: {name}; Keras {keras.__version__} on {keras.backend.backend()}", flush=True)
+    matmul_dtype = "float32" if args.precision == "float32" else args.precision[len("mixed_"):]
+    peak = matmul_peak_tflops(args.matmul_size, matmul_dtype)
+    print(f"{matmul_dtype} matmul peak ({args.matmul_size}^3, best of 5, this run): "
+          f"{peak:.4g} TFLOP/s", flush=True)
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(args.precision)
+    try:
+        model = keras_vit.build(variant, image_size=args.image_size, num_classes=args.num_classes)
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1, clipnorm=1.0),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile="auto")
+    images = args.batch_size * args.steps
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (images, args.image_size, args.image_size, 3)).astype("float32")
+    y = rng.integers(0, args.num_classes, (images,)).astype("int32")
+
+    def fit():
+        model.fit(x, y, batch_size=args.batch_size, epochs=1, shuffle=False, verbose=0)
+
+    start = time.perf_counter()
+    fit()
+    print(f"first fit call (compiles): {time.perf_counter() - start:.1f} s", flush=True)
+    for _ in range(args.warmup):
+        fit()
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        fit()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    per_second = images / seconds
+    flops = 3 * forward_flops(variant, args.image_size, args.num_classes)
+    achieved = flops * per_second / 1e12
+    sheet = datasheet_peak(name)
+    print(f"{variant.name} {args.image_size}px, batch {args.batch_size}, {args.precision}: "
+          f"{per_second:.1f} img/s ({1000 * seconds / args.steps:.1f} ms/step, median of "
+          f"{args.repeats} calls of {args.steps} steps)")
+    print(f"model FLOPs: {flops / 1e9:.4g} GFLOP/image (3x forward), {achieved:.4g} TFLOP/s = "
+          f"MFU {100 * achieved / peak:.1f}% of the measured {matmul_dtype} matmul peak"
+          + (f", {100 * achieved / sheet:.1f}% of the datasheet {sheet:.0f} TFLOP/s"
+             if sheet else ""))
+    return 0
