@@ -34,7 +34,7 @@ def add_arguments(parser):
     parser.add_argument("--patch-size", type=int, default=None)
     parser.add_argument("--num-classes", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="fit steps per timed call")
+    parser.add_argument("--steps", type=int, default=20, help="fit steps per timed call")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
     parser.add_argument("--precision", default="mixed_bfloat16",
