@@ -18,6 +18,7 @@ named in `DATASHEET_TFLOPS`.
 import dataclasses
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -121,8 +122,13 @@ def device_name():
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def datasheet_peak(name):
-    return next((tflops for key, tflops in DATASHEET_TFLOPS.items() if key in name), None)
+def datasheet_peak(name, precision):
+    """The datasheet bfloat16/float16 peak of a GPU named like a key (whole words: "L4" is
+    not "L40S"), or None (unknown GPU, or float32, whose peak depends on TF32)."""
+    if precision == "float32":
+        return None
+    return next((tflops for key, tflops in DATASHEET_TFLOPS.items()
+                 if re.search(rf"(^|\W){re.escape(key)}($|\W)", name)), None)
 
 
 def run(args):
@@ -177,7 +183,7 @@ def run(args):
     per_second = images / seconds
     flops = 3 * forward_flops(variant, args.image_size, args.num_classes)
     achieved = flops * per_second / 1e12
-    sheet = datasheet_peak(name)
+    sheet = datasheet_peak(name, args.precision)
     print(f"{variant.name} {args.image_size}px, batch {args.batch_size}, {args.precision}: "
           f"{per_second:.1f} img/s ({1000 * seconds / args.steps:.1f} ms/step, median of "
           f"{args.repeats} calls of {args.steps} steps)")

@@ -110,6 +110,9 @@ def _check_image_file(path):
         return err.message.splitlines()[0] if err.message else type(err).__name__
 
 
+_NOT_CLASSES = ("__MACOSX",)  # left by unzipping on macOS
+
+
 def scan_folder(root):
     """Lists (path, label) of readable images in root/<class>/..., reporting the others.
 
@@ -123,7 +126,8 @@ def scan_folder(root):
     if not root.is_dir():
         raise DataError(f"Image folder {root} does not exist. Point --data folder:PATH at a "
                         "folder with one sub-folder of images per class.")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_names = sorted(p.name for p in root.iterdir() if p.is_dir()
+                         and not p.name.startswith(".") and p.name not in _NOT_CLASSES)
     if len(class_names) < 2:
         raise DataError(f"Image folder {root} has {len(class_names)} class sub-folder(s); it needs "
                         "one sub-folder per class (at least 2), e.g. root/cat/*.jpg, root/dog/*.jpg.")
@@ -144,12 +148,34 @@ def scan_folder(root):
 
 
 def _load_files(paths, labels, image_size):
-    ds = tf.data.Dataset.from_tensor_slices((list(paths), labels.astype(np.int32)))
+    # A string tensor even for an empty split (--validation-split 0): [] alone is float32.
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string),
+                                             labels.astype(np.int32)))
     return ds.map(lambda p, y: (resize_image(decode_image(tf.io.read_file(p)), image_size), y),
                   num_parallel_calls=AUTOTUNE)
 
 
-SPLIT_FOLDERS = {"train": ("train",), "validation": ("validation", "val"), "test": ("test",)}
+# Folder names (any case) that make an image folder's splits.
+SPLIT_FOLDERS = {"train": ("train", "training"), "validation": ("validation", "val", "valid"),
+                 "test": ("test", "testing")}
+
+
+def _split_dirs(root):
+    """{split: its folder or None}; raises DataError for two folders of one split, or split
+    folders without a train folder (they would become classes)."""
+    found = {split: [d for d in sorted(root.iterdir())
+                     if d.is_dir() and d.name.lower() in names]
+             for split, names in SPLIT_FOLDERS.items()}
+    for split, dirs in found.items():
+        if len(dirs) > 1:
+            raise DataError(f"{root} has {' and '.join(d.name + '/' for d in dirs)}: two "
+                            f"{split} folders; keep one.")
+    if not found["train"] and (found["validation"] or found["test"]):
+        others = [d.name + "/" for dirs in found.values() for d in dirs]
+        raise DataError(f"{root} has {' and '.join(others)} but no train/ folder: put the "
+                        "training images in train/CLASS/ beside them (or, for one folder per "
+                        "class, rename the class folders named like splits).")
+    return {split: dirs[0] if dirs else None for split, dirs in found.items()}
 
 
 def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
@@ -158,21 +184,21 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
     those are the splits and a missing one is drawn from train/; otherwise every split is
     drawn from the class folders, stratified by class."""
     root = Path(root).expanduser()
-    split_dirs = {split: next((root / d for d in names if (root / d).is_dir()), None)
-                  for split, names in SPLIT_FOLDERS.items()}
+    split_dirs = _split_dirs(root) if root.is_dir() else {"train": None}
     if split_dirs["train"] is None:
         paths, labels, class_names, skipped = scan_folder(root)
         train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
         splits = {name: ([paths[i] for i in idx], labels[idx])
                   for name, idx in (("train", train), ("validation", validation), ("test", test))}
     else:
-        split_names = {d for names in SPLIT_FOLDERS.values() for d in names}
-        strays = sorted(d.name for d in root.iterdir()
-                        if d.is_dir() and d.name not in split_names and not d.name.startswith("."))
+        used = {d for d in split_dirs.values() if d is not None}
+        strays = sorted(d.name for d in root.iterdir() if d.is_dir() and d not in used
+                        and not d.name.startswith(".") and d.name not in _NOT_CLASSES)
         if strays:
-            raise DataError(f"{root} holds a train/ folder and other folders ({', '.join(strays)}): "
-                            "put the class folders inside train/ (and test/, val/), or give the "
-                            "folder that holds the class folders.")
+            raise DataError(
+                f"{root} holds a train/ folder and other folders ({', '.join(strays)}): split "
+                "folders are train/, val/ (or valid/, validation/) and test/, each holding the "
+                "class folders; rename or move the others.")
         paths, labels, class_names, skipped = scan_folder(split_dirs["train"])
         given = {}
         for split in ("validation", "test"):

@@ -133,7 +133,21 @@ def resolve_config(args):
         if value is not None or key not in config:
             config[key] = value
     config["image_size"] = parse_image_size(config["image_size"])
+    check_split_fractions(config["validation_split"], config["test_split"])
     return config
+
+
+def check_split_fractions(validation_split, test_split):
+    """Raises ValueError unless the fractions leave images in every split that needs them."""
+    if not 0 <= validation_split < 1:
+        raise ValueError(f"--validation-split {validation_split} is not a fraction: give "
+                         "0 <= it < 1 (0: no validation, every labelled image trains).")
+    if test_split is not None and not 0 < test_split < 1:
+        raise ValueError(f"--test-split {test_split} is not a fraction: give 0 < it < 1 "
+                         "(the test accuracy needs test images).")
+    if validation_split + (test_split or 0) >= 1:
+        raise ValueError(f"--validation-split {validation_split} and --test-split {test_split} "
+                         "leave no training images: their sum must be below 1.")
 
 
 def data_name(spec):
@@ -155,6 +169,9 @@ def choose_run_dir(config):
         previous = json.loads(config_path.read_text())
         if not previous.get("finished"):
             if not (candidate / "backup").exists():  # it never trained a step: nothing to keep
+                # and nothing to mix into the new run's curves
+                (candidate / "history.csv").unlink(missing_ok=True)
+                shutil.rmtree(candidate / "logs", ignore_errors=True)
                 return candidate, False
             mismatched = {k: (previous.get(k), config.get(k)) for k in RESUME_KEYS
                           if previous.get(k) != config.get(k)}
@@ -296,6 +313,11 @@ def train(config):
                                   test_split=config["test_split"], seed=config["seed"])
     except data_lib.DataError as err:
         raise SystemExit(f"keras-vit train: {err}") from None
+    for split, fix in (("train", "lower --validation-split/--test-split"),
+                       ("test", "raise --test-split or put images in test/")):
+        if not data.sizes[split]:
+            raise SystemExit(f"keras-vit train: the {split} split of {config['data']} is empty "
+                             f"({data.sizes}); {fix}.")
     if data.skipped:
         print(f"Skipped {len(data.skipped)} unreadable file(s) (not decodable as "
               "JPEG/PNG/BMP/GIF):", *data.skipped[:20], sep="\n  ")

@@ -80,16 +80,21 @@ def write_split_folders(root, counts):
 
 
 @pytest.mark.parametrize("given", [("train", "val"), ("train", "test"),
-                                   ("train", "validation", "test"), ("train",)])
+                                   ("Train", "Validation", "Test"), ("training", "valid"),
+                                   ("train",)])
 def test_split_folders_are_the_splits_and_missing_ones_come_from_train(tmp_path, given):
-    counts = {"train": 10, "val": 3, "validation": 3, "test": 4}
-    write_split_folders(tmp_path, {split: counts[split] for split in given})
+    counts = {"train": 10, "val": 3, "test": 4}
+    split_of = {"training": "train", "valid": "val", "validation": "val"}
+    counts = {name: counts[split_of.get(name.lower(), name.lower())] for name in given}
+    write_split_folders(tmp_path, counts)
+    (tmp_path / "__MACOSX").mkdir()  # left by unzipping: neither a split nor a class
     data = load_folder(tmp_path, (8, 8), validation_split=0.2, test_split=0.3)
     assert data.class_names == ["daisy", "tulip"]  # never the split names
+    given = {split_of.get(name.lower(), name.lower()) for name in given}
     drawn = {"validation": 2 * 2, "test": 2 * 3}  # 20% and 30% of each class's 10 train images
-    expected_val = 2 * 3 if {"val", "validation"} & set(given) else drawn["validation"]
+    expected_val = 2 * 3 if "val" in given else drawn["validation"]
     expected_test = 2 * 4 if "test" in given else drawn["test"]
-    expected_train = 2 * 10 - (0 if {"val", "validation"} & set(given) else drawn["validation"]) \
+    expected_train = 2 * 10 - (0 if "val" in given else drawn["validation"]) \
         - (0 if "test" in given else drawn["test"])
     assert data.sizes == {"train": expected_train, "validation": expected_val,
                           "test": expected_test}
@@ -101,13 +106,26 @@ def test_split_folders_are_the_splits_and_missing_ones_come_from_train(tmp_path,
 def test_split_folders_with_stray_or_mismatched_classes_say_what_to_do(tmp_path):
     write_split_folders(tmp_path / "a", {"train": 2, "val": 2})
     (tmp_path / "a" / "rose").mkdir()
-    with pytest.raises(DataError, match=r"train/ folder and other folders \(rose\).*inside train/"):
+    with pytest.raises(DataError, match=r"train/ folder and other folders \(rose\).*val/ \(or "):
         load_folder(tmp_path / "a", (8, 8))
+    write_split_folders(tmp_path / "c", {"val": 2, "test": 2})
+    with pytest.raises(DataError, match="no train/ folder: put the training images in train/"):
+        load_folder(tmp_path / "c", (8, 8))
+    write_split_folders(tmp_path / "d", {"train": 2, "val": 2, "validation": 2})
+    with pytest.raises(DataError, match="two validation folders; keep one"):
+        load_folder(tmp_path / "d", (8, 8))
     write_split_folders(tmp_path / "b", {"train": 2, "test": 2})
     (tmp_path / "b" / "test" / "rose").mkdir()
     write_image(tmp_path / "b" / "test" / "rose" / "0.png", "RGB", "PNG")
     with pytest.raises(DataError, match="different class folders"):
         load_folder(tmp_path / "b", (8, 8))
+
+
+def test_a_zero_validation_split_is_an_empty_split(tmp_path):
+    write_split_folders(tmp_path, {"train": 5, "test": 2})
+    data = load_folder(tmp_path, (8, 8), validation_split=0.0)
+    assert data.sizes == {"train": 10, "validation": 0, "test": 4}
+    assert list(data.validation.as_numpy_iterator()) == []
 
 
 def test_grayscale_becomes_three_equal_channels(tmp_path):

@@ -149,7 +149,10 @@ def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
     out = tmp_path / "run"
     out.mkdir()  # stopped before its first backup: nothing trained, nothing to keep
     (out / "config.json").write_text(json.dumps({"finished": False, "variant": "S/16"}))
+    (out / "history.csv").write_text("epoch,loss\n0,nan\n")  # e.g. a NaN in the first steps
+    (out / "logs").mkdir()
     assert choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"}) == (out, False)
+    assert not (out / "history.csv").exists() and not (out / "logs").exists()
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -157,6 +160,8 @@ def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
     (["--image-size", "224x"], "--image-size '224x' is not a size.*HEIGHTxWIDTH"),
     (["--image-size", "9"], "not divisible by the patch size"),
     (["--data", "folder:/no/such/folder"], "does not exist"),
+    (["--test-split", "0"], "--test-split 0.0 is not a fraction"),
+    (["--validation-split", "0.5", "--test-split", "0.5"], "leave no training images"),
 ])
 def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message):
     from keras_vit import cli

@@ -371,7 +371,7 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
             f"{model.name!r}:\n  " + "\n  ".join(listed[:25]) + more +
             ("\nCheck the variant, image size and pooling" +
              ("; strict=False skips missing and extra keys (never mis-shaped ones)."
-              if strict and (missing or extras) else ".")))
+              if strict and (missing or extras) and not shape_problems else ".")))
     if missing or extras:
         _warn("Not loaded (strict=False):\n  " + "\n  ".join(missing + extras))
     for variable, value in assignments:
