@@ -136,6 +136,7 @@ def run(args):
     import numpy as np
 
     import keras_vit
+    from keras_vit.benchmark import _built_under
     from keras_vit.variants import parse_variant
 
     variant = parse_variant(args.variant, args.patch_size)
@@ -152,12 +153,8 @@ def run(args):
     print(f"{matmul_dtype} matmul peak ({args.matmul_size}^3, best of 5, this run): "
           f"{peak:.4g} TFLOP/s", flush=True)
 
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy(args.precision)
-    try:
-        model = keras_vit.build(variant, image_size=args.image_size, num_classes=args.num_classes)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    model = _built_under(args.precision, lambda: keras_vit.build(
+        variant, image_size=args.image_size, num_classes=args.num_classes))
     model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1, clipnorm=1.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile="auto")
