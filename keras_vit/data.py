@@ -179,10 +179,10 @@ def _split_dirs(root):
 
 
 def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
-    """An image folder with one sub-folder per class. If it holds a train/ folder (with
-    optionally test/ and validation/ or val/ beside it, each with the same class folders),
-    those are the splits and a missing one is drawn from train/; otherwise every split is
-    drawn from the class folders, stratified by class."""
+    """An image folder with one sub-folder per class. If it holds a train/ folder (named
+    as in `SPLIT_FOLDERS`, any case, with optional validation and test folders beside it,
+    each with the same class folders), those are the splits and a missing one is drawn from
+    train/; otherwise every split is drawn from the class folders, stratified by class."""
     root = Path(root).expanduser()
     split_dirs = _split_dirs(root) if root.is_dir() else {"train": None}
     if split_dirs["train"] is None:
