@@ -20,6 +20,17 @@ COMMANDS = {
 }
 
 
+def positive_int(text):
+    """argparse type for counts (epochs, batch size, top-k, ...): a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def _usage():
     lines = ["usage: keras-vit COMMAND [options]   (keras-vit COMMAND --help for its options)",
              "", "commands:"]

@@ -18,7 +18,7 @@ def _image_hw(image_size):
     return int(height), int(width)
 
 
-def build(variant, *, image_size=224, num_classes=1000, patch_size=None, depth=None,
+def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=None,
           num_channels=3,
           include_top=True, pooling=None, representation_size=None, dropout_rate=0.0,
           attention_dropout_rate=0.0, drop_path_rate=0.0, gelu=None,
@@ -32,6 +32,8 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, depth=N
     Args:
         variant: "Ti/16", "S/16", "B/16", "B/32", "L/16", "H/14", ... (see `variants()`).
         image_size: int or (height, width); each must be divisible by the patch size.
+            Default: the resolution of the `weights` checkpoint (e.g. 384 for
+            "augreg_in21k_ft_in1k_384"), else 224.
         num_classes: int, classes of the head.
         patch_size: int, overrides the patch size in `variant` (e.g. 4 for 32x32 images).
         depth: int, overrides the number of encoder blocks (e.g. 6 for small data).
@@ -76,6 +78,9 @@ def build(variant, *, image_size=224, num_classes=1000, patch_size=None, depth=N
                 pooling, representation_size, gelu)
     pooling = pooling or "token"
     gelu = gelu or "tanh"
+    if image_size is None:  # the checkpoint's own resolution: its position table fits as is
+        grid = checkpoint.position_grid if checkpoint is not None else None
+        image_size = (grid[0] * v.stride, grid[1] * v.stride) if grid else 224
     height, width = _image_hw(image_size)
     patch_grid(height, width, v.stride)
     if gelu not in GELU_FORMS:
@@ -176,3 +181,15 @@ class _ReturnAttention(keras.layers.Layer):
 
     def call(self, x):
         return self.block(x, return_attention_scores=True)
+
+
+def class_probabilities(model, outputs):
+    """A classifier's outputs as float32 scores per class: the softmax of its logits, or the
+    outputs themselves when the head already applies an activation (a model built with
+    `classifier_activation="softmax"` or "sigmoid"), which a second softmax would flatten."""
+    outputs = keras.ops.cast(outputs, "float32")
+    head = next((layer for layer in model.layers if layer.name == "head"), None)
+    activation = getattr(head, "activation", None)
+    if activation is not None and activation is not keras.activations.linear:
+        return outputs
+    return keras.ops.softmax(outputs, axis=-1)

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_vit.cli import positive_int
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
@@ -157,12 +159,11 @@ class Predictor:
                 return self._model(pixels)
         if self.kind == "onnx":
             return self._model(pixels)
-        import keras
-
+        from keras_vit.model import class_probabilities
         from keras_vit.preprocessing import preprocess
 
-        logits = self._model(preprocess(pixels), training=False)
-        return np.asarray(keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1))
+        outputs = self._model(preprocess(pixels), training=False)
+        return np.asarray(class_probabilities(self._model, outputs))
 
     def predict(self, paths, top_k=5, batch_size=32):
         """Top-k (label, score) per image path, in order. Every path is read and checked
@@ -171,6 +172,8 @@ class Predictor:
 
     def predict_decoded(self, decoded, top_k=5, batch_size=32):
         """Like `predict`, for `read_image` results: [(encoded bytes, uint8 image)]."""
+        if int(top_k) < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}.")
         results = []
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start:start + batch_size]
@@ -222,10 +225,10 @@ def add_arguments(parser):
                                       ".tflite, .keras or .onnx file, or a run folder")
     parser.add_argument("images", nargs="+",
                         help="JPEG/PNG/BMP/GIF files or folders of them")
-    parser.add_argument("--top-k", type=int, default=5, help="classes to print (default: 5)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="classes to print (default: 5)")
     parser.add_argument("--labels", help="class names, one a line (default: labels.txt beside "
                                          "the model, or the run's config.json)")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
 
 

@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from keras_vit.cli import positive_int
+
 # Defaults that depend on the data: the embedded digits are 8x8 and few (1,259 to train on),
 # so they get the paper's hybrid at a small scale: the ResNet root (7x7/2 convolution and
 # 3x3/2 max-pool) turns 16x16 images into a 4x4 map whose positions are the tokens (1x1
@@ -53,10 +55,10 @@ def add_arguments(parser):
     model = parser.add_argument_group("model")
     model.add_argument("--variant", help="Ti/16, S/16, B/16, ... (default: per data)")
     model.add_argument("--image-size", help="224 or HEIGHTxWIDTH (default: per data)")
-    model.add_argument("--patch-size", type=int,
+    model.add_argument("--patch-size", type=positive_int,
                        help="patch side in pixels; for hybrids (R50+B/16, R+Ti/16, ...) the "
                             "cell side on the ResNet stem's output")
-    model.add_argument("--depth", type=int, help="override the number of encoder blocks")
+    model.add_argument("--depth", type=positive_int, help="override the number of encoder blocks")
     model.add_argument("--pooling", choices=["token", "gap"],
                        help="token (default) or gap; with --weights, what the checkpoint has")
     model.add_argument("--gelu", choices=["tanh", "erf"],
@@ -69,8 +71,8 @@ def add_arguments(parser):
     recipe.add_argument("--preset", choices=sorted(PRESETS), default="pretrain",
                         help="pretrain: AdamW; finetune: SGD with momentum (the paper's)")
     recipe.add_argument("--optimizer", choices=["adamw", "sgd"])
-    recipe.add_argument("--epochs", type=int)
-    recipe.add_argument("--batch-size", type=int, help="global batch, split across replicas")
+    recipe.add_argument("--epochs", type=positive_int)
+    recipe.add_argument("--batch-size", type=positive_int, help="global batch, split across replicas")
     recipe.add_argument("--learning-rate", type=float)
     recipe.add_argument("--weight-decay", type=float)
     recipe.add_argument("--momentum", type=float, default=0.9)
@@ -91,7 +93,7 @@ def add_arguments(parser):
     system.add_argument("--strategy", default="auto",
                         choices=["auto", "one-device", "mirrored", "multi-worker", "tpu"])
     system.add_argument("--tpu-address", help="TPU name or grpc:// address for --strategy tpu")
-    system.add_argument("--cpu-devices", type=int,
+    system.add_argument("--cpu-devices", type=positive_int,
                         help="split the CPU into N logical devices (Mirrored on one machine)")
     system.add_argument("--precision", default="auto",
                         choices=["auto", "float32", "mixed_bfloat16", "mixed_float16"],
@@ -99,7 +101,7 @@ def add_arguments(parser):
     system.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"],
                         help="XLA; auto: on, except bfloat16 on a CPU-only machine (XLA's CPU "
                              "backend has no fast bfloat16 matmuls; oneDNN's graph kernels do)")
-    system.add_argument("--checkpoint-every", type=int, default=50,
+    system.add_argument("--checkpoint-every", type=positive_int, default=50,
                         help="back up every N steps (and at each epoch end)")
     output = parser.add_argument_group("output")
     output.add_argument("--out", help="run folder (default: runs/<data name>)")

@@ -36,9 +36,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         data, mode = self.files[path]
         self.send_response(200)
         self.send_header("Content-Length", str(len(data)))
-        if mode in ("md5_good", "md5_bad"):
-            md5 = hashlib.md5(data if mode == "md5_good" else b"other").digest()
-            self.send_header("x-goog-hash", f"crc32c=AAAAAA==,md5={base64.b64encode(md5).decode()}")
+        if mode.startswith("md5_"):
+            md5 = base64.b64encode(hashlib.md5(b"other" if "bad" in mode else data).digest())
+            if mode.endswith("joined"):  # one folded line
+                self.send_header("x-goog-hash", f"crc32c=AAAAAA==,md5={md5.decode()}")
+            else:  # as Cloud Storage sends them: one header per hash, crc32c first
+                self.send_header("x-goog-hash", "crc32c=AAAAAA==")
+                self.send_header("x-goog-hash", f"md5={md5.decode()}")
         self.end_headers()
         self.wfile.write(data[: len(data) // 2] if mode == "truncate" else data)
 
@@ -94,6 +98,8 @@ def test_build_downloads_once_into_the_keras_cache_and_verifies_it(mirror, check
 
     keras_vit.build(SHALLOW_TI16, image_size=32, num_classes=10, weights="augreg_in21k")
     assert mirror.hits[TI16_I21K] == 1  # the second build used the cache
+    pinned = hashlib.sha256(data).hexdigest().upper()  # a pin in capitals checks the cache too
+    assert fetch("augreg_in21k", "Ti/16", sha256=pinned, progress=False) == target
 
     with open(target, "r+b") as f:  # the cached file changes behind our back
         f.seek(100)
@@ -106,6 +112,7 @@ def test_build_downloads_once_into_the_keras_cache_and_verifies_it(mirror, check
     ("ok", "0" * 64, "Checksum mismatch for http://127.0.0.1"),
     ("truncate", None, "truncated"),
     ("md5_bad", None, "does not match the server's x-goog-hash"),
+    ("md5_bad_joined", None, "does not match the server's x-goog-hash"),
 ])
 def test_failed_downloads_raise_and_leave_no_file(mirror, checkpoint_bytes, mode, sha256,
                                                   message):

@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from keras_vit import cli
 from keras_vit.predict import NotAnImageError, Predictor, collect_images
-from tests.test_export import (CLASS_NAMES, HAVE_ONNX, color_images, encode_bmp,
+from tests.test_export import (CLASS_NAMES, HAVE_ONNX, SIZE, color_images, encode_bmp,
                                keras_probabilities, shared_export)
 
 
@@ -128,3 +128,34 @@ def test_errors_are_clear(setup, capsys, tmp_path):
     assert "is not a model keras-vit can run" in capsys.readouterr().err
     with pytest.raises(NotAnImageError):
         Predictor(model).predict([notes])
+
+
+def test_a_head_that_applies_softmax_is_not_softmaxed_again(tmp_path):
+    # build(classifier_activation="softmax") outputs probabilities already: predict and the
+    # export's inference graph must pass them through, not flatten them with a second softmax.
+    import keras
+
+    import keras_vit
+    from keras_vit.export._graph import InferenceModel
+
+    model = keras_vit.build("Ti/16", image_size=SIZE, patch_size=8, num_classes=3, depth=1,
+                            classifier_activation="softmax")
+    head = model.get_layer("head")
+    head.kernel.assign(np.random.default_rng(0).normal(0, 1, head.kernel.shape))
+    model.save(tmp_path / "softmax.keras")
+    images, _ = color_images(4, seed=3)
+    expected = np.asarray(model(keras_vit.preprocess(images), training=False))
+    assert expected.max() > 0.6  # peaked: a second softmax would flatten it towards 1/3
+    got = Predictor(tmp_path / "softmax.keras").probabilities(list(images))
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    graph = InferenceModel(model, (SIZE, SIZE))(keras.ops.convert_to_tensor(images, "float32"))
+    np.testing.assert_allclose(np.asarray(graph), expected, atol=1e-5)
+
+
+def test_counts_must_be_positive(setup, capsys):
+    model = str(setup["out"] / "tiny_float32.tflite")
+    with pytest.raises(SystemExit):
+        cli.main(["predict", model, str(setup["paths"][0]), "--top-k", "0"])
+    assert "--top-k: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        Predictor(model).predict(setup["paths"][:1], top_k=-1)

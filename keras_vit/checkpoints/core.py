@@ -12,6 +12,7 @@ nothing until all of them fit.
 
 import dataclasses
 import math
+import os
 import warnings
 
 import keras
@@ -88,6 +89,15 @@ class Checkpoint:
     def num_classes(self):
         entry = self.params.get("head/kernel")
         return None if entry is None else int(entry.array.shape[-1])
+
+    @property
+    def position_grid(self):
+        """(rows, cols) of the stored position table: recorded, or square; None if unknown."""
+        entry = self.params.get(POSEMB)
+        if entry is None:
+            return None
+        table = entry.array if entry.array.ndim == 3 else entry.array[None]
+        return self.grid or square_grid(table.shape[1] - int(self.class_token))
 
     @property
     def depth(self):
@@ -282,7 +292,8 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
 
     Args:
         model: a model from `keras_vit.build`.
-        checkpoint: a `Checkpoint`, a file path or a published name (see `open_weights`).
+        checkpoint: a `Checkpoint`, a file path or an AugReg file name (a name such as
+            "augreg_in21k" names one file per variant: pass `fetch(name, variant)`).
         strict: if True (default) a missing, extra or mis-shaped key raises a
             `CheckpointError` naming it with both shapes; if False, missing and
             extra keys only warn (mis-shaped ones still raise).
@@ -311,11 +322,26 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
               f"uses {sorted(forms)}: outputs will differ slightly; build it with "
               f"gelu={checkpoint.gelu!r} (or leave gelu unset with weights=).")
 
+    # pre_logits in the file but not in the model: the reference's drop-head fine-tuning
+    # (vit_jax drops the layer when representation_size is None). The file's head was
+    # trained on pre_logits' outputs, so it cannot be kept either.
+    dropped_pre_logits = "pre_logits/kernel" in params and "pre_logits/kernel" not in targets
+    if dropped_pre_logits:
+        params.pop("pre_logits/kernel"), params.pop("pre_logits/bias", None)
+        _warn(f"{checkpoint.path} has a pre_logits layer that the model lacks: it is dropped, "
+              "as the reference's fine-tuning does (build with representation_size=N, or leave "
+              "it unset with weights=, to keep it).")
+
     # Head: kept if it fits, else fresh zeros for the new classes.
     head_kernel = params.get("head/kernel")
     if info["has_head"]:
         kernel_var, kernel_shape = targets["head/kernel"]
-        if head_kernel is None:
+        if head_kernel is not None and dropped_pre_logits:
+            _warn("The checkpoint's head reads pre_logits, which is dropped: the model's "
+                  f"{kernel_shape[-1]}-class head starts from zeros (fine-tune it).")
+            params.pop("head/kernel"), params.pop("head/bias", None)
+            _zero_head(targets, assignments)
+        elif head_kernel is None:
             _warn(f"{checkpoint.path} has no classification head: the model's "
                   f"{kernel_shape[-1]}-class head starts from zeros.")
             _zero_head(targets, assignments)
@@ -355,9 +381,6 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
             hint = " (MAP-head pooling is not supported)"
         elif key == "cls":
             hint = " (the model has no class token: build it with pooling='token')"
-        elif key.startswith("pre_logits"):
-            hint = (" (build with representation_size=N to keep it; strict=False drops it, "
-                    "as the reference's drop-head fine-tuning does)")
         extras.append(f"extra: {entry.source_key!r} {tuple(entry.source_shape)} is not in the "
                       f"model{hint}")
 
@@ -392,7 +415,7 @@ def save_npz(model, path):
     `keras_vit.checkpoints`), so it loads back with `build(..., weights=path)`
     and into the JAX reference code. A grid that is not square (e.g. 224x320 images) is
     recorded under `POSEMB_GRID`, which the reference ignores, so a 2x8 table is not
-    read back as 4x4.
+    read back as 4x4. Returns the path written (`.npz` added if missing, as numpy does).
     """
     targets, info = model_targets(model)
     arrays = {key: keras.ops.convert_to_numpy(variable).reshape(shape)
@@ -400,5 +423,9 @@ def save_npz(model, path):
     arrays[POSEMB] = keras.ops.convert_to_numpy(info["pos_embedding"])
     if info["grid"][0] != info["grid"][1]:
         arrays[POSEMB_GRID] = np.asarray(info["grid"], np.int64)
+    if isinstance(path, (str, os.PathLike)):
+        path = os.fspath(path)
+        if not path.endswith(".npz"):
+            path += ".npz"  # numpy adds it anyway: return the name of the file written
     np.savez(path, **arrays)
-    return str(path)
+    return path

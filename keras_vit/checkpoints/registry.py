@@ -163,7 +163,8 @@ def resolve(name, variant=None):
     if name in TAGS:
         if variant is None:
             raise CheckpointError(f"Checkpoint name {name!r} needs a variant, e.g. "
-                                  f"build('B/16', weights={name!r}).")
+                                  f"build('B/16', weights={name!r}), or for an existing "
+                                  f"model load_checkpoint(model, fetch({name!r}, 'B/16')).")
         for row in named_checkpoints():
             if row["tag"] == name and row["variant"] == variant:
                 return row
@@ -243,7 +244,9 @@ def _check_zip(path, url):
 
 
 def _goog_md5(headers):
-    for part in (headers.get("x-goog-hash") or "").split(","):
+    # Cloud Storage sends one x-goog-hash header per hash (crc32c first, then md5); a proxy
+    # may fold them into one comma-separated line. Read them all.
+    for part in ",".join(headers.get_all("x-goog-hash") or []).split(","):
         kind, _, value = part.strip().partition("=")
         if kind == "md5" and value:
             return base64.b64decode(value).hex()
@@ -256,6 +259,7 @@ def download(url, target, *, sha256=None, progress=True, timeout=60):
     See the module docstring for the checks. Raises `CheckpointError` (and
     leaves no file behind) on a failed, truncated or mismatching download.
     """
+    sha256 = sha256.lower() if sha256 else None  # hex digests are compared as lowercase
     if os.path.exists(target):
         digest = _sha256(target)
         known = sha256 or _read_records(target).get(os.path.basename(target), {}).get("sha256")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from keras_vit.cli import positive_int
 from keras_vit.export._report import (ExportReport, ExportVerificationError, FormatResult,
                                       format_report, print_report)
 from keras_vit.export._tflite import VARIANTS as TFLITE_VARIANTS
@@ -151,15 +152,14 @@ def export_run(run_dir, out_dir, *, name=None, version=1, formats=("savedmodel",
 
 def _keras_reference(model, image_size, test, run_path):
     """The Keras model's probabilities on the held-out images, preprocessed as in training."""
-    import keras
     import tensorflow as tf
 
+    from keras_vit.model import class_probabilities
     from keras_vit.preprocessing import preprocess
 
     @tf.function(reduce_retracing=True)
     def probabilities(pixels):
-        logits = model(preprocess(pixels, image_size), training=False)
-        return keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1)
+        return class_probabilities(model, model(preprocess(pixels, image_size), training=False))
 
     def run(pixels):
         pixels = np.asarray(pixels)
@@ -457,7 +457,7 @@ def add_arguments(parser):
     parser.add_argument("--tflite-variants", nargs="+", choices=TFLITE_VARIANTS,
                         default=list(TFLITE_VARIANTS),
                         help="TFLite files to write (default: all four)")
-    parser.add_argument("--top-k", type=int, default=5,
+    parser.add_argument("--top-k", type=positive_int, default=5,
                         help="classes in the SavedModel's top_k_* outputs (default: 5)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip comparing the files with the Keras model (not recommended)")

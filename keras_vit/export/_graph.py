@@ -12,6 +12,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from keras_vit.model import class_probabilities
 from keras_vit.preprocessing import preprocess
 
 IMAGE_FORMATS = "JPEG, PNG, BMP or GIF"
@@ -43,8 +44,7 @@ class InferenceModel(keras.Model):
 
     def classify(self, normalized):
         """[-1, 1] images at the model size -> probabilities (float32)."""
-        logits = self.model(normalized, training=False)
-        return keras.ops.softmax(keras.ops.cast(logits, "float32"), axis=-1)
+        return class_probabilities(self.model, self.model(normalized, training=False))
 
 
 def is_image_bytes(data):
