@@ -8,14 +8,7 @@ from keras_vit.layers import (Patches, PatchEncoder, TokenPooling, TransformerBl
                               patch_grid)
 from keras_vit.layers.gelu import GELU_FORMS
 from keras_vit.layers.resnet import ResNetStem
-from keras_vit.variants import parse_variant
-
-
-def _image_hw(image_size):
-    if isinstance(image_size, int):
-        return image_size, image_size
-    height, width = image_size
-    return int(height), int(width)
+from keras_vit.variants import image_hw, parse_variant
 
 
 def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=None,
@@ -39,7 +32,8 @@ def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=
         depth: int, overrides the number of encoder blocks (e.g. 6 for small data).
         num_channels: int, image channels.
         include_top: bool; False returns the pooled features the head would read
-            (width D, or `representation_size`) instead of logits.
+            (width D, or `representation_size`) instead of logits, in the compute dtype
+            (bfloat16 under mixed_bfloat16).
         pooling: "token" (class token, the paper; the default) or "gap" (no class
             token, global average pooling of the patch tokens). With `weights`
             from a checkpoint, defaults to what the checkpoint has.
@@ -81,7 +75,7 @@ def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=
     if image_size is None:  # the checkpoint's own resolution: its position table fits as is
         grid = checkpoint.position_grid if checkpoint is not None else None
         image_size = (grid[0] * v.stride, grid[1] * v.stride) if grid else 224
-    height, width = _image_hw(image_size)
+    height, width = image_hw(image_size)
     patch_grid(height, width, v.stride)
     if gelu not in GELU_FORMS:
         raise ValueError(f"gelu must be one of {GELU_FORMS}, got {gelu!r}.")
@@ -109,7 +103,9 @@ def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=
     x = keras.layers.LayerNormalization(epsilon=1e-6, name="encoder_norm")(x)
     x = TokenPooling(pooling, name="pool")(x)
     if representation_size:
-        x = keras.layers.Dense(representation_size, activation="tanh", name="pre_logits")(x)
+        # Flax's nn.Dense default init (lecun_normal), as the reference's pre_logits.
+        x = keras.layers.Dense(representation_size, activation="tanh",
+                               kernel_initializer="lecun_normal", name="pre_logits")(x)
     if include_top:
         # float32 head: logits stay float32 under mixed precision.
         x = keras.layers.Dense(num_classes, kernel_initializer="zeros",
@@ -167,20 +163,31 @@ def feature_model(model):
                        name=f"{model.name}_features")
 
 
+@keras.saving.register_keras_serializable(package="keras_vit", name="ReturnAttention")
 class _ReturnAttention(keras.layers.Layer):
     """Calls a shared TransformerBlock asking for its attention weights.
 
     A functional model cannot reuse a layer with a different output structure
     (Keras checks connectivity with the structure of the layer's first call), so
-    the second call goes through this thin wrapper; the weights stay shared.
+    the second call goes through this thin wrapper; the weights stay shared. It takes
+    the block's dtype policy, not the global one in force when `feature_model` runs.
     """
 
     def __init__(self, block, **kwargs):
+        kwargs.setdefault("dtype", block.dtype_policy)
         super().__init__(**kwargs)
         self.block = block
 
     def call(self, x):
         return self.block(x, return_attention_scores=True)
+
+    def get_config(self):
+        return {**super().get_config(), "block": keras.saving.serialize_keras_object(self.block)}
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        return cls(keras.saving.deserialize_keras_object(config.pop("block")), **config)
 
 
 def class_probabilities(model, outputs):

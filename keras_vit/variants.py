@@ -5,6 +5,7 @@ the library agrees on what "S/16" means.
 """
 
 import dataclasses
+import numbers
 
 # name: (width D, depth L, heads, MLP size). From the paper's Table 1 plus the
 # Ti and S sizes of DeiT / AugReg.
@@ -114,9 +115,21 @@ def parse_variant(variant, patch_size=None):
 
 
 def _positive(patch_size):
-    if int(patch_size) < 1:
-        raise ValueError(f"patch_size must be a positive integer, got {patch_size}.")
+    if not isinstance(patch_size, numbers.Integral) or patch_size < 1:
+        raise ValueError(f"patch_size must be a positive integer, got {patch_size!r}.")
     return int(patch_size)
+
+
+def image_hw(image_size):
+    """(height, width) from an int or a pair; a side may be None (then `patch_grid` says
+    it must be known). Anything else raises a ValueError saying what is accepted."""
+    sides = (image_size, image_size) if isinstance(image_size, numbers.Integral) else image_size
+    if (not isinstance(sides, (tuple, list)) or len(sides) != 2 or not all(
+            side is None or (isinstance(side, numbers.Integral) and side >= 1)
+            for side in sides)):
+        raise ValueError(f"image_size must be a positive int or (height, width) of positive "
+                         f"ints, got {image_size!r}.")
+    return tuple(None if side is None else int(side) for side in sides)
 
 
 def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
@@ -124,12 +137,15 @@ def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
     """Parameter count of a ViT computed from its shapes, without building it.
 
     Matches `build(...).count_params()`; used for the variant table and to
-    check the large variants cheaply.
+    check the large variants cheaply. An image size the patch does not divide raises
+    the ValueError `build` raises.
     """
+    from keras_vit.layers.patches import patch_grid
+
     v = parse_variant(variant, patch_size)
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+    rows, cols = patch_grid(*image_hw(image_size), v.stride)
     d, p = v.width, v.patch_size
-    tokens = (h // v.stride) * (w // v.stride) + (1 if class_token else 0)
+    tokens = rows * cols + (1 if class_token else 0)
     stem = 0
     if v.is_hybrid:
         stem = _resnet_stem_parameters(v.resnet, v.resnet_width, num_channels)
@@ -161,10 +177,15 @@ def _resnet_stem_parameters(stage_depths, width, num_channels):
 
 
 def variants(image_size=224, num_classes=1000):
-    """A list of dicts describing every variant: name, width, depth, heads, MLP, parameters."""
+    """A list of dicts describing every variant: name, width, depth, heads, MLP, parameters
+    (None where the patch size does not divide `image_size`)."""
     rows = []
     for name in variant_names():
         v = parse_variant(name)
+        try:
+            params = count_parameters(name, image_size, num_classes)
+        except ValueError:  # the patch does not divide the size: that model cannot be built
+            params = None
         rows.append({
             "name": v.name,
             "width": v.width,
@@ -172,6 +193,6 @@ def variants(image_size=224, num_classes=1000):
             "heads": v.num_heads,
             "mlp_dim": v.mlp_dim,
             "patch_size": v.patch_size,
-            "params": count_parameters(name, image_size, num_classes),
+            "params": params,
         })
     return rows

@@ -169,6 +169,15 @@ def test_drop_path_drops_whole_samples_and_keeps_the_mean():
         DropPath(1.0)
 
 
+def test_drop_path_rate_holds_in_bfloat16():
+    # The early blocks' small rates (0.1 / 11 at B/16) must hold under mixed_bfloat16: a mask
+    # drawn in bfloat16 dropped 1.5% of samples at a 1% rate.
+    layer = DropPath(0.01, seed=3, dtype="mixed_bfloat16")
+    y = keras.ops.convert_to_numpy(
+        keras.ops.cast(layer(np.ones((200_000, 1), "float32"), training=True), "float32"))
+    assert abs((y == 0).mean() - 0.01) < 0.0015
+
+
 def test_token_pooling_modes():
     tokens = np.arange(24, dtype="float32").reshape(1, 4, 6)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(TokenPooling("token")(tokens)),

@@ -84,6 +84,23 @@ def test_unknown_variant_lists_the_valid_ones():
 def test_image_not_divisible_by_patch_says_how_to_fix():
     with pytest.raises(ValueError, match=r"30x32 is not divisible by the patch size 8.*24 or 32"):
         keras_vit.build("Ti/8", image_size=(30, 32))
+    with pytest.raises(ValueError, match=r"not divisible by the patch size 14"):
+        keras_vit.count_parameters("Ti/14", image_size=32)  # no count for an unbuildable model
+    rows = {r["name"]: r["params"] for r in keras_vit.variants(image_size=384)}
+    assert rows["H/14"] is None and rows["B/16"] == 86_859_496
+
+
+@pytest.mark.parametrize("image_size, patch_size, message", [
+    (32.0, None, "image_size must be a positive int or \\(height, width\\)"),
+    ((32, 0), None, "image_size must be a positive int"),
+    ((None, 32), None, "Image height must be known"),
+    (32, 8.5, "patch_size must be a positive integer, got 8.5"),
+])
+def test_bad_sizes_are_named(image_size, patch_size, message):
+    with pytest.raises(ValueError, match=message):
+        keras_vit.build("Ti/16", image_size=image_size, patch_size=patch_size)
+    assert keras_vit.build("Ti/16", image_size=np.int64(32), patch_size=np.int64(8),
+                           depth=1).input_shape == (None, 32, 32, 3)
 
 
 def test_builds_the_paper_model_shapes():
@@ -110,6 +127,12 @@ def test_initialisation_follows_the_reference():
     limit = np.sqrt(6 / (192 + 768))
     assert 0.99 * limit < np.abs(dense_0).max() <= limit  # Xavier-uniform
     assert 0 < np.abs(keras.ops.convert_to_numpy(mlp.dense_0.bias)).max() < 1e-5  # normal(1e-6)
+    # pre_logits: Flax nn.Dense's default, lecun_normal: std 1/sqrt(fan_in) after truncating
+    # a normal (of std 1/sqrt(fan_in)/0.8796) at two of its standard deviations.
+    pre_logits = keras_vit.build("B/16", image_size=32, representation_size=768)
+    kernel = keras.ops.convert_to_numpy(pre_logits.get_layer("pre_logits").kernel)
+    assert abs(kernel.std() - 1 / np.sqrt(768)) < 0.001
+    assert 0.99 < np.abs(kernel).max() / (2 / np.sqrt(768) / 0.87962566) <= 1.0001
 
 
 def test_non_square_images_and_patch_override():
@@ -177,6 +200,28 @@ def test_feature_model_shares_layers_and_returns_intermediates():
     head_in.kernel.assign(head_in.kernel * 2)
     assert np.abs(extractor(x)["pooled"] - out["pooled"]).max() > 1e-4
     assert extractor.count_params() == model.count_params() - model.get_layer("head").count_params()
+
+
+def test_feature_model_saves_and_keeps_its_models_precision(tmp_path):
+    model = randomize_weights(small(depth=2))
+    x = images()
+    extractor = keras_vit.feature_model(model)
+    expected = extractor(x)
+    extractor.save(tmp_path / "features.keras")
+    code = ("import sys, numpy as np, keras, keras_vit; "
+            "f = keras.saving.load_model(sys.argv[1]); "
+            "np.save(sys.argv[3], f(np.load(sys.argv[2]))['attention_weights'][1])")
+    np.save(tmp_path / "x.npy", x)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "features.keras"),
+                             str(tmp_path / "x.npy"), str(tmp_path / "a.npy")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"),
+                                  keras.ops.convert_to_numpy(expected["attention_weights"][1]))
+    # Made while another global policy is in force, it still computes in the model's float32.
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    later = keras_vit.feature_model(model)(x)
+    np.testing.assert_allclose(later["tokens"], expected["tokens"], atol=1e-6)
 
 
 def test_summary_names_are_readable():
