@@ -217,6 +217,12 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
                       for split, idx in zip(drawn, drawn_idx)})
         splits = {"train": ([paths[i] for i in train_idx], labels[train_idx]),
                   "validation": given["validation"], "test": given["test"]}
+    # Each split in a seeded random order, not class by class: the export calibrates int8
+    # on the first training images and verifies on the first test images.
+    rng = np.random.default_rng(seed)
+    for name, (split_paths, split_labels) in splits.items():
+        order = rng.permutation(len(split_paths))
+        splits[name] = ([split_paths[i] for i in order], np.asarray(split_labels)[order])
     datasets = {name: _load_files(p, y, image_size) for name, (p, y) in splits.items()}
     return Data(**datasets, class_names=class_names,
                 sizes={name: len(p) for name, (p, _) in splits.items()}, skipped=skipped)

@@ -98,9 +98,12 @@ def test_split_folders_are_the_splits_and_missing_ones_come_from_train(tmp_path,
         - (0 if "test" in given else drawn["test"])
     assert data.sizes == {"train": expected_train, "validation": expected_val,
                           "test": expected_test}
-    labels = {split: sorted(y for _, y in getattr(data, split).as_numpy_iterator())
+    labels = {split: [y for _, y in getattr(data, split).as_numpy_iterator()]
               for split in ("train", "validation", "test")}
     assert all(set(y) == {0, 1} for y in labels.values())  # stratified: both classes
+    # Shuffled, not class by class: export calibrates on the first training images and
+    # verifies on the first test images, which must span the classes.
+    assert set(labels["train"][:6]) == {0, 1} and set(labels["test"][:4]) == {0, 1}
 
 
 def test_split_folders_with_stray_or_mismatched_classes_say_what_to_do(tmp_path):

@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -385,13 +386,55 @@ def test_export_fails_loudly_when_the_saved_model_disagrees(exported, monkeypatc
         reference["run"] = lambda pixels: run(pixels) + 1e-4
         return reference
 
+    # Over a good export (as a TF Serving server would be watching it):
+    out = tmp_path / "served"
+    shutil.copytree(exported["out"], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     monkeypatch.setattr(export_module, "_keras_reference", off_by_a_little)
     with pytest.raises(ExportVerificationError) as e:
-        export_run(exported["run"], tmp_path / "bad", formats=("savedmodel",), verbose=False)
+        export_run(exported["run"], out, name="tiny", formats=("savedmodel",), verbose=False)
     assert "FAILED for savedmodel" in str(e.value)
+    assert f"Nothing in {out} was replaced; the failed files are in {out / '.failed-tiny'}" \
+        in str(e.value)
     assert "FAIL" in str(e.value).split("\n", 1)[1]  # the table comes with it
-    report = json.loads((tmp_path / "bad" / "report.json").read_text())
+    # The served files are untouched; the failed ones are kept aside with their report.
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*")
+             if p.is_file() and ".failed-tiny" not in p.parts}
+    assert after == before
+    report = json.loads((out / ".failed-tiny" / "report.json").read_text())
     assert report["results"][1]["max_abs_diff"] > 1e-5
+    assert (out / ".failed-tiny" / "1" / "saved_model.pb").is_file()
+    assert not (out / ".staging-tiny").exists()
+
+
+def test_an_export_that_crashes_leaves_the_last_one_as_it_was(exported, monkeypatch, tmp_path):
+    from keras_vit.export import _tflite
+
+    out = tmp_path / "served"
+    shutil.copytree(exported["out"], out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def converter_dies(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C (or a crash) in the middle of the export
+
+    monkeypatch.setattr(_tflite, "convert", converter_dies)
+    with pytest.raises(KeyboardInterrupt):
+        export_run(exported["run"], out, name="tiny", verbose=False)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_an_export_replaces_the_files_of_the_last_one(exported, tmp_path):
+    out = tmp_path / "served"
+    shutil.copytree(exported["out"], out)
+    report = export_run(exported["run"], out, name="tiny", formats=("tflite",),
+                        tflite_variants=("float32",), verbose=False)
+    files = sorted(p.name for p in out.iterdir())
+    # The other TFLite variants (and ONNX) of the last export are gone, not left beside a
+    # model they may not match; the SavedModel version folder is the user's to keep.
+    assert files == ["1", "labels.txt", "report.json", "tiny_float32.tflite"]
+    assert report.result("tflite_float32").path == str(out / "tiny_float32.tflite")
+    saved = json.loads((out / "report.json").read_text())
+    assert [r["format"] for r in saved["results"]] == ["keras", "tflite_float32"]
 
 
 def test_verifier_reports_a_saved_model_that_does_not_load(tmp_path):

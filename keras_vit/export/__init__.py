@@ -14,12 +14,15 @@
 Every file is checked against the Keras model on the run's held-out images: the SavedModel
 in a fresh process with TensorFlow only (max |dp| <= 1e-5), the float32 TFLite and ONNX files
 within 1e-4, the quantised files by top-1 agreement and accuracy. A failing check raises
-`ExportVerificationError` after printing the table.
+`ExportVerificationError` after printing the table. Files are written and verified in
+`out/.staging-NAME/` and moved into `out/` only when every check passed (failed ones go to
+`out/.failed-NAME/`), so what is already there is never replaced by an unverified export.
 """
 
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -97,8 +100,8 @@ def export_run(run_dir, out_dir, *, name=None, version=1, formats=("savedmodel",
         image_size = tuple(int(s) for s in run.config["image_size"])
         out = Path(out_dir)
         name = name or out.name
-        out.mkdir(parents=True, exist_ok=True)
-        (out / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names))
+        if "savedmodel" in formats:
+            _check_version_folder(out / str(version))  # before the slow steps
         model = _float32_model(run)
         if model.outputs[0].shape[-1] != len(class_names):
             raise ValueError(f"{run_dir}: the model has {model.outputs[0].shape[-1]} outputs but "
@@ -117,35 +120,107 @@ def export_run(run_dir, out_dir, *, name=None, version=1, formats=("savedmodel",
             reference = _keras_reference(model, image_size, test, run.path)
             report.results.append(reference["result"])
 
-        if "savedmodel" in formats:
-            from keras_vit.export._graph import write_saved_model
+        # Everything is written and verified in a hidden staging folder (TF Serving loads
+        # only numbered folders) and moved into `out` only once it passed: a failed or
+        # interrupted export leaves the files already there as they were.
+        stage = out / f".staging-{name}"
+        _remove(stage)  # what an interrupted export left
+        stage.mkdir(parents=True)
+        try:
+            (stage / LABELS_FILE).write_text("".join(f"{c}\n" for c in class_names))
+            if "savedmodel" in formats:
+                from keras_vit.export._graph import write_saved_model
 
-            sm_dir = out / str(version)
-            log(f"Writing the TF Serving SavedModel to {sm_dir} ...", flush=True)
-            write_saved_model(infer, class_names, sm_dir, top_k=top_k)
-            report.version, report.saved_model_dir = version, str(sm_dir)
-            result = FormatResult("savedmodel", str(sm_dir), _dir_size(sm_dir),
-                                  tolerance=SAVEDMODEL_TOLERANCE if verify else None)
-            if verify:
-                log("Verifying it in a fresh process with TensorFlow only ...", flush=True)
-                _verify_saved_model(sm_dir, class_names, test, reference, result)
-            report.results.append(result)
+                sm_dir = stage / str(version)
+                log(f"Writing the TF Serving SavedModel (version {version}) ...", flush=True)
+                write_saved_model(infer, class_names, sm_dir, top_k=top_k)
+                report.version, report.saved_model_dir = version, str(sm_dir)
+                result = FormatResult("savedmodel", str(sm_dir), _dir_size(sm_dir),
+                                      tolerance=SAVEDMODEL_TOLERANCE if verify else None)
+                if verify:
+                    log("Verifying it in a fresh process with TensorFlow only ...", flush=True)
+                    _verify_saved_model(sm_dir, class_names, test, reference, result)
+                report.results.append(result)
 
-        if "tflite" in formats:
-            report.results += _export_tflite(infer, out, name, tflite_variants, run, test,
-                                             reference, max_calibration_images, log)
-        if "onnx" in formats:
-            report.results.append(_export_onnx(infer, out, name, test, reference, log))
+            if "tflite" in formats:
+                report.results += _export_tflite(infer, stage, name, tflite_variants, run, test,
+                                                 reference, max_calibration_images, log)
+            if "onnx" in formats:
+                report.results.append(_export_onnx(infer, stage, name, test, reference, log))
+        except ExportVerificationError as err:  # e.g. the SavedModel does not load
+            failed = _keep_failed(stage, out, name, report)
+            raise ExportVerificationError(f"{err}\nNothing in {out} was replaced; the files "
+                                          f"are in {failed}.") from err
+        except BaseException:
+            _remove(stage)
+            raise
 
-    report.write_json(out / REPORT_FILE)
-    if verbose:
-        print_report(report)
     if report.failures:
+        failed = _keep_failed(stage, out, name, report)
+        if verbose:
+            print_report(report)
         raise ExportVerificationError(
             "Export verification FAILED for " + ", ".join(r.format for r in report.failures)
-            + ": the exported files do not give the Keras model's answers.\n"
-            + format_report(report))
+            + f": the exported files do not give the Keras model's answers. Nothing in {out} "
+            f"was replaced; the failed files are in {failed}.\n" + format_report(report))
+    _publish(stage, out, name, version, report)
+    if verbose:
+        print_report(report)
     return report
+
+
+def _check_version_folder(path):
+    if path.exists() and not (path / "saved_model.pb").is_file() and any(path.iterdir()):
+        raise FileExistsError(f"{path} exists and is not a SavedModel; not overwriting it "
+                              "(move it away, or export with another --version).")
+
+
+def _keep_failed(stage, out, name, report):
+    """Moves a failed export's files to `out/.failed-NAME` (for a look) with its report."""
+    failed = out / f".failed-{name}"
+    _remove(failed)
+    report.write_json(stage / REPORT_FILE)
+    stage.rename(failed)
+    _relocate(report, stage, failed)
+    return failed
+
+
+def _remove(path):
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def _relocate(report, old, new):
+    """Points the report's paths from folder `old` to folder `new`."""
+    def moved(path):
+        return str(new / Path(path).relative_to(old)) if Path(path).is_relative_to(old) else path
+
+    for result in report.results:
+        result.path = moved(result.path)
+    if report.saved_model_dir:
+        report.saved_model_dir = moved(report.saved_model_dir)
+
+
+def _publish(stage, out, name, version, report):
+    """Moves a verified export from `stage` into `out`: each file replaced in one step
+    (os.replace), the SavedModel version folder last, then report.json. TFLite/ONNX files of
+    this name that this export did not write are removed, so the folder never mixes the
+    files of two models; other SavedModel versions are left to the user."""
+    ours = {tflite_filename(name, v) for v in TFLITE_VARIANTS} | {f"{name}.onnx"}
+    written = {p.name for p in stage.iterdir() if p.is_file()}
+    for stale in ours - written:
+        (out / stale).unlink(missing_ok=True)
+    for file_name in sorted(written):
+        os.replace(stage / file_name, out / file_name)
+    staged_version = stage / str(version)
+    if staged_version.is_dir():
+        target = out / str(version)
+        _check_version_folder(target)
+        _remove(target)
+        staged_version.rename(target)
+    _relocate(report, stage, out)
+    report.write_json(out / REPORT_FILE)
+    _remove(stage)
 
 
 # --- Keras reference ---------------------------------------------------------------------
@@ -471,11 +546,11 @@ def run(args):
                             formats=tuple(args.formats),
                             tflite_variants=tuple(args.tflite_variants), top_k=args.top_k,
                             verify=not args.no_verify, verbose=not args.quiet)
-    except ExportVerificationError as e:
+    except ExportVerificationError as e:  # exit 1: exported, but not the Keras model's answers
         print(f"keras-vit export: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, ImportError) as e:
-        print(f"keras-vit export: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, ImportError, RuntimeError, subprocess.TimeoutExpired) as e:
+        print(f"keras-vit export: error: {e}", file=sys.stderr)  # exit 2: could not export
         return 2
     if args.quiet:
         print_report(report)
