@@ -14,7 +14,7 @@ from keras_vit import checkpoints, layers  # noqa: E402
 from keras_vit.attention_map import attention_map, save_attention_overlay  # noqa: E402
 from keras_vit.model import build, feature_model  # noqa: E402
 from keras_vit.preprocessing import preprocess  # noqa: E402
-from keras_vit import schedules  # noqa: E402,F401  (registers WarmupDecay for .keras loading)
+from keras_vit import optimizers, schedules  # noqa: E402,F401  (registered for .keras loading)
 from keras_vit.variants import count_parameters, parse_variant, variant_names, variants
 
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """Training callbacks that keep work safe: exact mid-epoch resume, NaN stop (TensorFlow only)."""
 
+import json
 import math
 
 import keras
+import numpy as np
 
 
 def _finite(logs):
@@ -33,7 +35,30 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         keras.callbacks.BackupAndRestore.on_train_begin(self)
         # fit() would prefer this over its initial_epoch argument on every later call.
         model._initial_epoch = None
-        return int(model.optimizer.iterations.numpy())
+        step = int(model.optimizer.iterations.numpy())
+        if step == 0 and self._backed_up_after_training():
+            # Keras only warns when the optimizer state does not fit (e.g. a mixed_float16
+            # backup, whose loss-scale optimizer has more variables): the run would restart
+            # its schedule and data stream on trained weights.
+            raise ValueError(
+                f"The backup in {self.backup_dir} does not fit this run's optimizer (another "
+                "--precision or --optimizer?): resume with the flags the run was started with "
+                "(its config.json), or start a new run with --out NEW_FOLDER.")
+        return step
+
+    def _backed_up_after_training(self):
+        try:
+            with open(self._training_metadata_path) as f:
+                state = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return bool(state.get("epoch") or state.get("batch"))
+
+    def _save_model(self):
+        # The logged loss is computed before the step's update, so a finite loss can come with
+        # an update that made the weights NaN: never back those up over the last good state.
+        if all(np.isfinite(w).all() for w in self.model.get_weights()):
+            super()._save_model()
 
     def on_train_begin(self, logs=None):
         pass  # restored explicitly by `restore`, before the input pipeline is built

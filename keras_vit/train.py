@@ -193,22 +193,36 @@ RESUME_KEYS = ["data", "validation_split", "test_split", "variant", "image_size"
                "depth", "pooling", "gelu", "batch_size", "epochs", "optimizer", "seed"]
 
 
-def build_optimizer(config, steps_per_epoch):
-    import keras
+def fit_segments(step, steps_per_epoch, epochs):
+    """The `fit` calls that take a run from optimizer step `step` to its end, as
+    (initial_epoch, epochs, steps_per_epoch, batches to skip): a run killed mid-epoch first
+    finishes that epoch, then goes on. Each call gets a new pipeline that skips what was
+    trained: a second iterator over the same dataset would reshuffle into another stream."""
+    segments = []
+    epoch = step // steps_per_epoch
+    if step % steps_per_epoch and epoch < epochs:
+        segments.append((epoch, epoch + 1, steps_per_epoch - step % steps_per_epoch, step))
+        epoch += 1
+    if epoch < epochs:
+        segments.append((epoch, epochs, steps_per_epoch, epoch * steps_per_epoch))
+    return segments
 
+
+def build_optimizer(config, steps_per_epoch):
+    from keras_vit import optimizers
     from keras_vit.schedules import WarmupDecay
 
     total = config["epochs"] * steps_per_epoch
     warmup = min(int(config["warmup_epochs"] * steps_per_epoch), total - 1)
     schedule = WarmupDecay(config["learning_rate"], total, warmup, decay=config["schedule"])
     if config["optimizer"] == "sgd":
-        optimizer = keras.optimizers.SGD(schedule, momentum=config["momentum"],
-                                         weight_decay=config["weight_decay"] or None,
-                                         global_clipnorm=config["clip_norm"] or None)
+        optimizer = optimizers.SGD(schedule, momentum=config["momentum"],
+                                   weight_decay=config["weight_decay"] or None,
+                                   global_clipnorm=config["clip_norm"] or None)
     else:
-        optimizer = keras.optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.999,
-                                           weight_decay=config["weight_decay"],
-                                           global_clipnorm=config["clip_norm"] or None)
+        optimizer = optimizers.AdamW(schedule, beta_1=0.9, beta_2=0.999,
+                                     weight_decay=config["weight_decay"],
+                                     global_clipnorm=config["clip_norm"] or None)
     if config["weight_decay"]:
         optimizer.exclude_from_weight_decay(var_names=NO_DECAY)
     return optimizer
@@ -357,7 +371,10 @@ def train(config):
         model.optimizer.build(model.trainable_variables)
 
     backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
-    step = backup.restore(model)
+    try:
+        step = backup.restore(model)
+    except ValueError as err:
+        raise SystemExit(f"keras-vit train: {err}") from None
     total_steps = config["epochs"] * spe
     if step:
         print(f"Restored the backup at step {step} of {total_steps} "
@@ -370,8 +387,10 @@ def train(config):
         flip=config["flip"], translate=config["translate"], rotate=config["rotate"],
         zoom=config["zoom"], randaugment=config["randaugment"],
         mixup=config["mixup"], cutmix=config["cutmix"])
-    train_ds = (data_lib.training_batches(data.train, config["batch_size"], seed=config["seed"],
-                                          cache=cache, skip_batches=step)
+
+    def train_batches(skip):
+        return (data_lib.training_batches(data.train, config["batch_size"], seed=config["seed"],
+                                          cache=cache, skip_batches=skip)
                 .map(augment.make_augmenter(augment_config, num_classes, config["seed"]),
                      num_parallel_calls=tf.data.AUTOTUNE)
                 .prefetch(tf.data.AUTOTUNE).with_options(options))
@@ -387,23 +406,17 @@ def train(config):
     callbacks = [nan_guard, backup,
                  keras.callbacks.CSVLogger(str(work_dir / "history.csv"), append=True),
                  keras.callbacks.TensorBoard(str(work_dir / "logs"), update_freq="epoch")]
-    # A run killed mid-epoch first finishes that epoch's remaining steps, then goes on.
-    epoch = step // spe
-    if step % spe and epoch < config["epochs"]:
-        model.fit(train_ds, initial_epoch=epoch, epochs=epoch + 1,
-                  steps_per_epoch=spe - step % spe, validation_data=val_ds,
-                  callbacks=callbacks, verbose=config["verbose"], shuffle=False)
-        epoch += 1
-    if epoch < config["epochs"] and nan_guard.stopped_at is None:
-        model.fit(train_ds, initial_epoch=epoch, epochs=config["epochs"], steps_per_epoch=spe,
-                  validation_data=val_ds, callbacks=callbacks, verbose=config["verbose"],
-                  shuffle=False)
+    for first_epoch, end_epoch, steps, skip in fit_segments(step, spe, config["epochs"]):
+        if nan_guard.stopped_at is None:
+            model.fit(train_batches(skip), initial_epoch=first_epoch, epochs=end_epoch,
+                      steps_per_epoch=steps, validation_data=val_ds, callbacks=callbacks,
+                      verbose=config["verbose"], shuffle=False)
     if nan_guard.stopped_at is not None:
         stopped_epoch, stopped_batch = nan_guard.stopped_at
         print(f"\nTraining stopped: the loss became NaN at epoch {stopped_epoch}, step "
               f"{stopped_batch}. The last good backup is kept in {work_dir / 'backup'}; lower "
-              "--learning-rate (or use --precision float32) and start the same command again "
-              "to resume from it.", file=sys.stderr)
+              "--learning-rate and start the same command again to resume from it (or start "
+              "a new run with --out NEW_FOLDER --precision float32).", file=sys.stderr)
         return 3, {}
 
     loss, accuracy = model.evaluate(test_ds, verbose=0)

@@ -110,6 +110,44 @@ def multi_worker_run(tmp_path_factory):
     return run_dir, report_dir, reports
 
 
+_CLIP_SCRIPT = """
+import sys
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras, numpy as np
+from keras_vit import optimizers
+rng = np.random.default_rng(0)
+x, y = rng.normal(size=(64, 8)).astype("float32") * 100, rng.normal(size=(64, 1)).astype("float32")
+x[32:] *= -1  # the two replicas' halves pull in different directions, as real data can
+for name, strategy in [("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
+                       ("two", tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))]:
+    for cls in (keras.optimizers.SGD, optimizers.SGD, optimizers.AdamW):
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(1, "linear",
+                                      kernel_initializer="zeros", bias_initializer="zeros")])
+            model.compile(optimizer=cls(1.0, global_clipnorm=1.0), loss="mse", jit_compile=False)
+        model.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(64), verbose=0, shuffle=False)
+        step = np.concatenate([v.numpy().ravel() for v in model.trainable_variables])
+        print(name, cls.__module__ + "." + cls.__name__, " ".join(map(repr, step.tolist())))
+"""
+
+
+def test_gradient_clipping_is_global_across_replicas(tmp_path):
+    # One SGD step of lr 1 from zeros is the clipped gradient itself: two replicas must take
+    # the step one device takes with the whole batch (Keras' own clipped each replica's half).
+    proc = subprocess.run([sys.executable, "-c", _CLIP_SCRIPT], capture_output=True, text=True,
+                          timeout=TIMEOUT_S, env=_env(), cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = {tuple(line.split()[:2]): np.array(line.split()[2:], float)
+             for line in proc.stdout.splitlines() if line.startswith(("one ", "two "))}
+    for name in ("keras_vit.optimizers.SGD", "keras_vit.optimizers.AdamW"):
+        np.testing.assert_allclose(steps["two", name], steps["one", name], atol=1e-5)
+    sgd = steps["one", "keras_vit.optimizers.SGD"]
+    np.testing.assert_allclose(np.linalg.norm(sgd), 1.0, rtol=1e-5)  # clipped to 1.0
+    assert np.linalg.norm(steps["two", "keras.src.optimizers.sgd.SGD"]) > 1.1  # Keras' own
+
+
 def test_multi_worker_fit_two_processes(multi_worker_run):
     run_dir, report_dir, (chief, other) = multi_worker_run
     assert chief["replicas"] == other["replicas"] == 2

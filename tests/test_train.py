@@ -376,3 +376,69 @@ def test_fine_tunes_a_checkpoint_at_a_new_resolution_with_the_sgd_preset(tmp_pat
     # The 2x2 grid was resampled to 4x4; the 1000-class head was replaced by a 10-class one.
     assert model.get_layer("patch_encoder").pos_embedding.shape == (1, 17, 192)
     assert model.output_shape == (None, 10)
+
+
+def test_a_resumed_run_trains_on_the_batches_it_would_have_seen():
+    # Killed at step 7 of 4 epochs of 5 steps: the resumed fit calls must see exactly the
+    # uninterrupted run's batches 7, 8, ... (reusing one dataset for both calls reshuffled).
+    import tensorflow as tf
+
+    from keras_vit.data import training_batches
+    from keras_vit.train import fit_segments
+
+    examples = tf.data.Dataset.range(40)
+
+    def batches(skip, count):
+        stream = training_batches(examples, 8, seed=3, cache=False, skip_batches=skip)
+        return [b.tolist() for b in stream.take(count).as_numpy_iterator()]
+
+    uninterrupted = batches(0, 20)
+    segments = fit_segments(7, 5, 4)
+    assert [s[:3] for s in segments] == [(1, 2, 3), (2, 4, 5)]
+    resumed = []
+    for first_epoch, end_epoch, steps, skip in segments:
+        resumed += batches(skip, steps + (end_epoch - first_epoch - 1) * 5)
+    assert resumed == uninterrupted[7:]
+    assert fit_segments(10, 5, 4) == [(2, 4, 5, 10)] and fit_segments(20, 5, 4) == []
+
+
+def _tiny_compiled(policy):
+    from keras_vit.train import build_optimizer
+
+    keras.mixed_precision.set_global_policy(policy)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
+                              keras.layers.Activation("linear", dtype="float32")])
+    config = dict(epochs=2, warmup_epochs=0, learning_rate=1e-3, schedule="cosine",
+                  optimizer="adamw", weight_decay=0.1, clip_norm=1.0, momentum=0.9)
+    model.compile(optimizer=build_optimizer(config, 8), loss="mse", jit_compile=False)
+    model.optimizer.build(model.trainable_variables)
+    return model
+
+
+def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
+    from keras_vit.callbacks import RunBackup
+
+    x, y = np.random.default_rng(0).random((64, 8), "float32"), np.zeros((64, 4), "float32")
+    model = _tiny_compiled("mixed_float16")  # a loss-scale optimizer: more variables
+    backup = RunBackup(tmp_path / "backup", save_freq=3)
+    backup.restore(model)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[backup])
+    with pytest.raises(ValueError, match="does not fit this run's optimizer.*--precision"):
+        RunBackup(tmp_path / "backup", save_freq=3).restore(_tiny_compiled("float32"))
+    # The same precision resumes at the step it reached.
+    assert RunBackup(tmp_path / "backup", save_freq=3).restore(
+        _tiny_compiled("mixed_float16")) == 8
+
+
+def test_weights_made_non_finite_by_an_update_are_not_backed_up(tmp_path):
+    from keras_vit.callbacks import RunBackup
+
+    model = _tiny_compiled("float32")
+    backup = RunBackup(tmp_path / "backup", save_freq=1)
+    backup.restore(model)
+    backup._save_model()
+    saved = (tmp_path / "backup" / "latest.weights.h5").read_bytes()
+    kernel = model.layers[0].kernel
+    kernel.assign(np.full(kernel.shape, np.nan, "float32"))  # finite loss logged, NaN update
+    backup._save_model()
+    assert (tmp_path / "backup" / "latest.weights.h5").read_bytes() == saved
