@@ -1,7 +1,7 @@
 """`keras-vit benchmark`: images/second and latency of keras-vit against the peers installed here.
 
-Every comparison is measured in one process, interleaved (A, B, A, B ... after a warm-up),
-and reported as medians with the ratio per row (> 1 means keras-vit is better: faster,
+Every comparison is measured in one process, interleaved (A, B, B, A ... after a warm-up,
+the order rotated each round), and reported as medians with the ratio per row (> 1 means keras-vit is better: faster,
 lower latency, less memory). Peers: keras-hub's `ViTBackbone` at the same configuration
 (XLA-compiled, like keras-vit) and Hugging Face's PyTorch `ViTModel` (eager, inference mode)
 where they import. The float32 matmul peak of this machine is measured in the same run
@@ -30,6 +30,9 @@ CONFIGS = {"Ti/16": (192, 3, 768), "S/16": (384, 6, 1536), "B/16": (768, 12, 307
 TRAIN = dict(variant="Ti/16", image_size=32, patch_size=4, depth=6, num_classes=10)
 GOALS = {"infer": 1.15, "train": 1.3, "bf16": 1.6, "tflite": 1.25, "int8": 3.5}
 MEMORY_GOAL_MB = 1200
+# keras-vit's rows against the peers use the exact (erf) GELU that keras-hub and Hugging Face
+# compute: the same maths in every model (keras-vit's default is the reference's tanh form).
+PEER_GELU = "erf"
 
 
 def add_arguments(parser):
@@ -55,9 +58,9 @@ def add_arguments(parser):
     parser.add_argument("--train-batch-size", type=int, default=128)
     parser.add_argument("--train-image-size", type=int, default=TRAIN["image_size"])
     parser.add_argument("--bf16-variant", default=None,
-                        help="variant of the bfloat16 row (default B/16; --quick Ti/16)")
+                        help="variant of the bfloat16 row (default: the last of --variants)")
     parser.add_argument("--tflite-variant", default=None,
-                        help="variant of the TFLite row (default B/16; --quick Ti/16)")
+                        help="variant of the TFLite row (default: the last of --variants)")
     parser.add_argument("--memory-variant", default="B/16")
     parser.add_argument("--memory-batch-size", type=int, default=16)
     parser.add_argument("--keras-vit-graph", action="store_true",
@@ -75,10 +78,13 @@ def interleaved(fns, repeats, warmup):
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
+    names = list(fns)
     for r in range(warmup + repeats):
-        for name, fn in fns.items():
+        # Rotated each round, so whatever a call leaves behind (threads, garbage) does not
+        # always land on the same next one.
+        for name in names[r % len(names):] + names[:r % len(names)]:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -234,7 +240,7 @@ def row_infer(table, args, peers, peak):
     size = args.image_size
     for variant in args.variants:
         width, heads, mlp = CONFIGS[variant]
-        kv = _keras_vit(variant, size, args.depth)
+        kv = _keras_vit(variant, size, args.depth, gelu=PEER_GELU)
         models = {"keras-vit": kv}
         if "keras-hub" in peers:
             models["keras-hub"] = _keras_hub(variant, size, args.depth)
@@ -328,7 +334,7 @@ def _torch_train_step_fn(image_size, depth, patch_size, batch, classes):
 
 def _train_model(image_size, depth, xla):
     """keras-vit at the training configuration, compiled for `fit`."""
-    return _compile_for_fit(_keras_vit(TRAIN["variant"], image_size, depth,
+    return _compile_for_fit(_keras_vit(TRAIN["variant"], image_size, depth, gelu=PEER_GELU,
                                        patch_size=TRAIN["patch_size"],
                                        num_classes=TRAIN["num_classes"]), xla)
 
