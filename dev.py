@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Set-up and entry points for a fresh clone; needs only Python 3.10-3.12.
+"""Set-up and entry points for a fresh clone; needs only Python 3.11-3.12.
 
     python3 dev.py run [train flags]   # set up, then train + evaluate + export on the embedded data
     python3 dev.py test [pytest args]  # set up, then run the test suite
@@ -21,19 +21,38 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".keras-vit-installed"
 
 
+EXTRAS = "test,tflite,onnx,serving"
+
+
+def _has_pip(python):
+    return subprocess.run([str(python), "-m", "pip", "--version"],
+                          capture_output=True).returncode == 0
+
+
 def set_up():
-    if not (3, 10) <= sys.version_info[:2] <= (3, 12):
-        sys.exit(f"keras-vit needs Python 3.10-3.12; this is {sys.version.split()[0]}.")
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    # Keras 3.15 and keras-hub 0.32 need Python 3.11 or later; TensorFlow 2.21 has no 3.13 build.
+    if not (3, 11) <= sys.version_info[:2] <= (3, 12):
+        sys.exit(f"keras-vit needs Python 3.11-3.12; this is {sys.version.split()[0]}.")
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + sys.version.encode()
+                            + EXTRAS.encode()).hexdigest()
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
-    if not (BIN / "python").exists():
+    if not (BIN / "python").exists() or not _has_pip(BIN / "python"):
+        # A .venv whose creation failed half-way (no pip) is made again, not reused.
         print(f"Creating {VENV} ...", flush=True)
-        venv.create(VENV, with_pip=True)
+        try:
+            import ensurepip  # noqa: F401  (Debian/Ubuntu ship it separately)
+        except ImportError:
+            sys.exit("This Python cannot make virtual environments with pip: install the "
+                     "venv package (e.g. `sudo apt install python3-venv`), then run again.")
+        venv.create(VENV, with_pip=True, clear=True)
     print("Installing keras-vit and its dependencies (first run takes a few minutes) ...",
           flush=True)
-    subprocess.run([str(BIN / "python"), "-m", "pip", "install", "--quiet",
-                    "--disable-pip-version-check", "-e", f"{ROOT}[test,tflite,onnx,serving]"], check=True)
+    result = subprocess.run([str(BIN / "python"), "-m", "pip", "install", "--quiet",
+                             "--disable-pip-version-check", "-e", f"{ROOT}[{EXTRAS}]"])
+    if result.returncode:
+        sys.exit(f"Installing the dependencies failed (pip exit code {result.returncode}, "
+                 "its messages above); fix the cause and run the same command again.")
     STAMP.write_text(wanted)
 
 

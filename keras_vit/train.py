@@ -243,17 +243,28 @@ def pick_precision(config, strategy):
 
 
 def pick_jit_compile(config, precision, strategy):
-    """XLA on, unless asked otherwise or training bfloat16 on CPUs alone: there TensorFlow's
-    graph runs oneDNN's bfloat16 matmuls (avx512_bf16 / AMX) while XLA's CPU backend computes
-    them slowly (measured, `fit` of the benchmark's training config: bfloat16 graph 1.19x
-    float32 XLA, bfloat16 XLA 0.84x)."""
+    """XLA on, unless asked otherwise, or under a strategy of several replicas or a TPU, or
+    training bfloat16 on CPUs alone.
+
+    Keras 3.15 compiles a replica's step for one device: with two replicas the step reads the
+    other replica's variables and fails (MirroredStrategy), or finds no XLA collectives on CPU
+    (MultiWorkerMirroredStrategy); Keras' own "auto" turns XLA off under tf.distribute for
+    that reason, and a TPU compiles the step with XLA anyway. On CPUs alone TensorFlow's graph
+    runs oneDNN's bfloat16 matmuls (avx512_bf16 / AMX) while XLA's CPU backend computes them
+    slowly (measured, `fit` of the benchmark's training config: bfloat16 graph 1.19x float32
+    XLA, bfloat16 XLA 0.84x)."""
     import tensorflow as tf
 
+    several = strategy.num_replicas_in_sync > 1
+    if config["jit_compile"] == "on" and several and not tf.config.list_physical_devices("GPU"):
+        raise SystemExit(f"keras-vit train: --jit-compile on does not run with "
+                         f"{strategy.num_replicas_in_sync} replicas on CPUs (Keras compiles each "
+                         "replica's step for one device); leave --jit-compile at auto.")
     if config["jit_compile"] != "auto":
         return config["jit_compile"] == "on"
-    accelerated = (isinstance(strategy, tf.distribute.TPUStrategy)
-                   or tf.config.list_physical_devices("GPU"))
-    return bool(accelerated) or "bfloat16" not in precision
+    if several or isinstance(strategy, tf.distribute.TPUStrategy):
+        return False
+    return bool(tf.config.list_physical_devices("GPU")) or "bfloat16" not in precision
 
 
 def save_curves(history_csv, path):
@@ -290,8 +301,12 @@ def train(config):
     """Runs training as configured; returns (exit code, summary dict)."""
     from keras_vit import distribute
 
-    strategy = distribute.make_strategy(config["strategy"], tpu_address=config.get("tpu_address"),
-                                        cpu_devices=config.get("cpu_devices"))
+    try:
+        strategy = distribute.make_strategy(config["strategy"],
+                                            tpu_address=config.get("tpu_address"),
+                                            cpu_devices=config.get("cpu_devices"))
+    except (ValueError, RuntimeError) as err:
+        raise SystemExit(f"keras-vit train: {err}") from None
     import keras
     import numpy as np
     import tensorflow as tf

@@ -162,6 +162,7 @@ def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
     (["--data", "folder:/no/such/folder"], "does not exist"),
     (["--test-split", "0"], "--test-split 0.0 is not a fraction"),
     (["--validation-split", "0.5", "--test-split", "0.5"], "leave no training images"),
+    (["--cpu-devices", "2"], "cpu_devices=2 applies to the 'mirrored' strategy only"),
 ])
 def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message):
     from keras_vit import cli
@@ -322,6 +323,11 @@ def test_xla_is_off_by_default_for_bfloat16_on_cpus_alone():
     assert not pick_jit_compile(auto, "mixed_bfloat16", strategy)
     assert pick_jit_compile({"jit_compile": "on"}, "mixed_bfloat16", strategy)
     assert not pick_jit_compile({"jit_compile": "off"}, "float32", strategy)
+    # Several replicas: Keras compiles each replica's step for one device (XLA fails there).
+    two_replicas = type("Strategy", (), {"num_replicas_in_sync": 2})()
+    assert not pick_jit_compile(auto, "float32", two_replicas)
+    with pytest.raises(SystemExit, match="--jit-compile on does not run with 2 replicas on CPUs"):
+        pick_jit_compile({"jit_compile": "on"}, "float32", two_replicas)
 
 
 def test_warmup_then_cosine_schedule():

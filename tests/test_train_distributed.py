@@ -23,8 +23,9 @@ from tests.conftest import free_ports, run_processes
 ROOT = Path(__file__).resolve().parents[1]
 # tests/test_train.py's tiny model for two epochs, with a recipe that visibly learns in two
 # (the digits defaults' regularisation, drop path, label smoothing and shifts, slows that down).
+# --jit-compile is left at its default, as users run it.
 FLAGS = ["--variant", "Ti/16", "--image-size", "8", "--patch-size", "2", "--depth", "1",
-         "--batch-size", "32", "--jit-compile", "off", "--no-export", "--verbose", "0",
+         "--batch-size", "32", "--no-export", "--verbose", "0",
          "--epochs", "2", "--learning-rate", "3e-3", "--warmup-epochs", "0.2",
          "--drop-path", "0", "--label-smoothing", "0", "--translate", "0"]
 # What a finished run leaves in its folder (the backup is removed at the end).
