@@ -179,9 +179,9 @@ def _keep_failed(stage, out, name, report):
     """Moves a failed export's files to `out/.failed-NAME` (for a look) with its report."""
     failed = out / f".failed-{name}"
     _remove(failed)
+    _relocate(report, stage, failed)
     report.write_json(stage / REPORT_FILE)
     stage.rename(failed)
-    _relocate(report, stage, failed)
     return failed
 
 

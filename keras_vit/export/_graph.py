@@ -6,7 +6,6 @@ the SavedModel resizes any size to the model's (bilinear, antialiased, rounded t
 pixel values) and scales to [-1, 1]; the fixed-size formats only scale.
 """
 
-import shutil
 from pathlib import Path
 
 import keras
@@ -116,8 +115,7 @@ def write_saved_model(infer, class_names, path, top_k=5):
     Signatures: `serving_default` (image_bytes: string [batch]), `predict_images`
     (images: float32 [batch, H, W, 3] in [0, 255]) and `predict_images_uint8` (uint8),
     each returning probabilities, top_k_scores, top_k_indices and top_k_labels.
-    The directory is written beside `path` and renamed into place, so a server watching
-    the parent never sees half a version.
+    `export_run` writes it into its staging folder and moves it into place once verified.
     """
     path = Path(path)
     from_bytes, from_pixels = serving_functions(infer, class_names, top_k)
@@ -131,16 +129,7 @@ def write_saved_model(infer, class_names, path, top_k=5):
         tf.TensorSpec([None, None, None, 3], tf.float32, name="images")])
     archive.add_endpoint(UINT8_SIGNATURE, from_pixels, input_signature=[
         tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    archive.write_out(str(tmp), verbose=False)
-    if path.exists():
-        if not (path / "saved_model.pb").is_file() and any(path.iterdir()):
-            shutil.rmtree(tmp)
-            raise FileExistsError(f"{path} exists and is not a SavedModel; not overwriting it.")
-        shutil.rmtree(path)
-    tmp.rename(path)
+    archive.write_out(str(path), verbose=False)
     return path
 
 
