@@ -113,6 +113,12 @@ def _check_image_file(path):
 _NOT_CLASSES = ("__MACOSX",)  # left by unzipping on macOS
 
 
+def _folders(root):
+    """Sub-folder names that can be classes or splits: not hidden, not unzip leftovers."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir()
+                  and not p.name.startswith(".") and p.name not in _NOT_CLASSES)
+
+
 def scan_folder(root):
     """Lists (path, label) of readable images in root/<class>/..., reporting the others.
 
@@ -126,8 +132,7 @@ def scan_folder(root):
     if not root.is_dir():
         raise DataError(f"Image folder {root} does not exist. Point --data folder:PATH at a "
                         "folder with one sub-folder of images per class.")
-    class_names = sorted(p.name for p in root.iterdir() if p.is_dir()
-                         and not p.name.startswith(".") and p.name not in _NOT_CLASSES)
+    class_names = _folders(root)
     if len(class_names) < 2:
         raise DataError(f"Image folder {root} has {len(class_names)} class sub-folder(s); it needs "
                         "one sub-folder per class (at least 2), e.g. root/cat/*.jpg, root/dog/*.jpg.")
@@ -191,9 +196,8 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
         splits = {name: ([paths[i] for i in idx], labels[idx])
                   for name, idx in (("train", train), ("validation", validation), ("test", test))}
     else:
-        used = {d for d in split_dirs.values() if d is not None}
-        strays = sorted(d.name for d in root.iterdir() if d.is_dir() and d not in used
-                        and not d.name.startswith(".") and d.name not in _NOT_CLASSES)
+        used = {d.name for d in split_dirs.values() if d is not None}
+        strays = [name for name in _folders(root) if name not in used]
         if strays:
             raise DataError(
                 f"{root} holds a train/ folder and other folders ({', '.join(strays)}): split "

@@ -11,6 +11,7 @@ when the same command is started again.
 """
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -193,6 +194,16 @@ RESUME_KEYS = ["data", "validation_split", "test_split", "variant", "image_size"
                "depth", "pooling", "gelu", "batch_size", "epochs", "optimizer", "seed"]
 
 
+@contextlib.contextmanager
+def stop_on(*errors):
+    """Ends the command with `keras-vit train: MESSAGE` (no traceback) on errors the user
+    fixes with other flags or data."""
+    try:
+        yield
+    except errors as err:
+        raise SystemExit(f"keras-vit train: {err}") from None
+
+
 def fit_segments(step, steps_per_epoch, epochs):
     """The `fit` calls that take a run from optimizer step `step` to its end, as
     (initial_epoch, epochs, steps_per_epoch, batches to skip): a run killed mid-epoch first
@@ -301,12 +312,10 @@ def train(config):
     """Runs training as configured; returns (exit code, summary dict)."""
     from keras_vit import distribute
 
-    try:
+    with stop_on(ValueError, RuntimeError):
         strategy = distribute.make_strategy(config["strategy"],
                                             tpu_address=config.get("tpu_address"),
                                             cpu_devices=config.get("cpu_devices"))
-    except (ValueError, RuntimeError) as err:
-        raise SystemExit(f"keras-vit train: {err}") from None
     import keras
     import numpy as np
     import tensorflow as tf
@@ -318,12 +327,10 @@ def train(config):
     from keras_vit.variants import parse_variant
 
     # Model settings are checked before the data loads or the run folder is written.
-    try:
+    with stop_on(ValueError):
         stride = parse_variant(config["variant"], config["patch_size"]).stride
         height, width = config["image_size"]
         rows, cols = patch_grid(height, width, stride)
-    except ValueError as err:
-        raise SystemExit(f"keras-vit train: {err}") from None
     tokens = rows * cols
     chief = distribute.is_chief(strategy)
     run_dir, resuming = choose_run_dir(config)
@@ -337,13 +344,11 @@ def train(config):
     keras.utils.set_random_seed(config["seed"])
     start = time.time()
 
-    try:
+    with stop_on(data_lib.DataError):
         data = data_lib.load_data(config["data"], config["image_size"],
                                   data_dir=config["data_dir"],
                                   validation_split=config["validation_split"],
                                   test_split=config["test_split"], seed=config["seed"])
-    except data_lib.DataError as err:
-        raise SystemExit(f"keras-vit train: {err}") from None
     for split, fix in (("train", "lower --validation-split/--test-split"),
                        ("test", "raise --test-split or put images in test/")):
         if not data.sizes[split]:
@@ -386,10 +391,8 @@ def train(config):
         model.optimizer.build(model.trainable_variables)
 
     backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
-    try:
+    with stop_on(ValueError):
         step = backup.restore(model)
-    except ValueError as err:
-        raise SystemExit(f"keras-vit train: {err}") from None
     total_steps = config["epochs"] * spe
     if step:
         print(f"Restored the backup at step {step} of {total_steps} "
@@ -494,9 +497,7 @@ def _samples(data, num_classes, calibration=256, test_cap=2000):
 
 
 def run(args):
-    try:
+    with stop_on(ValueError):
         config = resolve_config(args)
-    except ValueError as err:
-        raise SystemExit(f"keras-vit train: {err}") from None
     code, _ = train(config)
     return code
