@@ -102,6 +102,12 @@ def add_arguments(parser):
     system.add_argument("--jit-compile", default="auto", choices=["auto", "on", "off"],
                         help="XLA; auto: on, except bfloat16 on a CPU-only machine (XLA's CPU "
                              "backend has no fast bfloat16 matmuls; oneDNN's graph kernels do)")
+    system.add_argument("--micro-batches", default="auto", type=_micro_batches_arg,
+                        help="compute each replica's batch in N parts and sum their gradients "
+                             "(the same update; activations N times smaller, for a batch that "
+                             "does not fit in memory); auto: on CPUs, parts of at least 1536 "
+                             "tokens (faster: they stay in the caches), whole batches on GPUs "
+                             "and TPUs")
     system.add_argument("--checkpoint-every", type=positive_int, default=50,
                         help="back up every N steps (and at each epoch end)")
     output = parser.add_argument_group("output")
@@ -110,6 +116,10 @@ def add_arguments(parser):
     output.add_argument("--no-export", action="store_true", help="skip SavedModel/TFLite export")
     output.add_argument("--verbose", type=int, default=1, choices=[0, 1, 2],
                         help="Keras progress: 0 silent, 1 bars, 2 one line per epoch")
+
+
+def _micro_batches_arg(text):
+    return text if text == "auto" else positive_int(text)
 
 
 def parse_image_size(text):
@@ -278,6 +288,20 @@ def pick_jit_compile(config, precision, strategy):
     return bool(tf.config.list_physical_devices("GPU")) or "bfloat16" not in precision
 
 
+def pick_micro_batches(config, per_replica_batch, tokens, strategy):
+    """--micro-batches: the count given, or for auto `auto_micro_batches` on what the replicas
+    run on."""
+    import tensorflow as tf
+
+    from keras_vit.micro_batches import auto_micro_batches
+
+    if config["micro_batches"] != "auto":
+        return config["micro_batches"]
+    device_type = ("TPU" if isinstance(strategy, tf.distribute.TPUStrategy)
+                   else "GPU" if tf.config.list_physical_devices("GPU") else "CPU")
+    return auto_micro_batches(per_replica_batch, tokens, device_type)
+
+
 def save_curves(history_csv, path):
     """A PNG of the loss and accuracy curves from history.csv."""
     import csv
@@ -324,6 +348,7 @@ def train(config):
     from keras_vit import augment, data as data_lib, run_dir as run_lib
     from keras_vit.callbacks import RunBackup, StopOnNaN
     from keras_vit.layers import patch_grid
+    from keras_vit.micro_batches import use_micro_batches
     from keras_vit.variants import parse_variant
 
     # Model settings are checked before the data loads or the run folder is written.
@@ -363,9 +388,12 @@ def train(config):
     spe = data_lib.steps_per_epoch(data.sizes["train"], config["batch_size"])
     cache = data_lib.estimated_cache_bytes(data, config["image_size"]) < 4 * 2**30
     jit = pick_jit_compile(config, precision, strategy)
+    per_replica_batch = config["batch_size"] // replicas
+    micro_batches = pick_micro_batches(config, per_replica_batch, tokens + 1, strategy)
 
     config.update(num_classes=num_classes, class_names=data.class_names, precision=precision,
-                  steps_per_epoch=spe, replicas=replicas, finished=False)
+                  steps_per_epoch=spe, replicas=replicas, micro_batches=micro_batches,
+                  finished=False)
     if chief:
         run_lib.write_config(run_dir, config)
     print(f"{'Resuming' if resuming else 'Starting'} run {run_dir}: {config['variant']} "
@@ -373,7 +401,9 @@ def train(config):
           f"{config['data']} ({data.sizes['train']} train / {data.sizes['validation']} "
           f"validation / {data.sizes['test']} test, {num_classes} classes), "
           f"{distribute.describe(strategy)}, {precision}, "
-          f"XLA {'on' if jit else 'off'}", flush=True)
+          f"XLA {'on' if jit else 'off'}"
+          + (f", {micro_batches} micro-batches of {-(-per_replica_batch // micro_batches)} "
+             "per replica" if micro_batches > 1 else ""), flush=True)
 
     with strategy.scope():
         model = keras_vit.build(
@@ -389,6 +419,7 @@ def train(config):
             metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
             jit_compile=jit)
         model.optimizer.build(model.trainable_variables)
+    use_micro_batches(model, micro_batches)
 
     backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
     with stop_on(ValueError):

@@ -36,7 +36,10 @@ def history_epochs(run_dir):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "digits"
-    result = run_train(out, "--epochs", "3", "--learning-rate", "3e-3", "--warmup-epochs", "0.5")
+    # In two micro-batches (auto keeps these tiny batches whole): the path users of big
+    # batches take trains end to end.
+    result = run_train(out, "--epochs", "3", "--learning-rate", "3e-3", "--warmup-epochs", "0.5",
+                       "--micro-batches", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return out, result.stdout
 
@@ -44,6 +47,7 @@ def finished_run(tmp_path_factory):
 def test_run_folder_has_everything_and_the_summary_line(finished_run):
     out, stdout = finished_run
     assert "Ti/16 (8x8 images, 16 tokens of 2x2 px) on digits" in stdout
+    assert "XLA off, 2 micro-batches of 16 per replica" in stdout
     last = stdout.strip().splitlines()[-1]
     assert last.startswith("test accuracy: ")
     accuracy = float(last.split(":")[1])
@@ -328,6 +332,27 @@ def test_xla_is_off_by_default_for_bfloat16_on_cpus_alone():
     assert not pick_jit_compile(auto, "float32", two_replicas)
     with pytest.raises(SystemExit, match="--jit-compile on does not run with 2 replicas on CPUs"):
         pick_jit_compile({"jit_compile": "on"}, "float32", two_replicas)
+
+
+def test_micro_batches_flag():
+    import argparse
+
+    import tensorflow as tf
+
+    from keras_vit.train import add_arguments, pick_micro_batches
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).micro_batches == "auto"
+    assert parser.parse_args(["--micro-batches", "4"]).micro_batches == 4
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--micro-batches", bad])
+    strategy = tf.distribute.get_strategy()  # CPUs only
+    auto = {"micro_batches": "auto"}
+    assert pick_micro_batches(auto, 128, 65, strategy) == 4  # the benchmark's training config
+    assert pick_micro_batches(auto, 64, 17, strategy) == 1   # the digits default
+    assert pick_micro_batches({"micro_batches": 3}, 64, 17, strategy) == 3
 
 
 def test_warmup_then_cosine_schedule():

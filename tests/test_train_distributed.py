@@ -166,8 +166,11 @@ def multi_worker_run(tmp_path_factory):
                 for index in range(2)]
         logs = tmp / f"logs{attempt}"
         logs.mkdir()
-        results, seen = _run_together([_command(out, "multi-worker")] * 2, envs, work, logs,
-                                      watch=out)
+        # In micro-batches (auto keeps these tiny batches whole): the multi-worker step
+        # sums each replica's parts before the all-reduce.
+        results, seen = _run_together(
+            [_command(out, "multi-worker", "--micro-batches", "2")] * 2, envs, work, logs,
+            watch=out)
         port_clash = any(rc and ("Address already in use" in output or "Failed to bind" in output)
                          for _, rc, output in results)
         if not port_clash:
@@ -182,6 +185,7 @@ def test_multi_worker_trains_together_and_only_the_chief_keeps_a_run(multi_worke
     for output in (chief, other):
         start = _start_line(output)
         assert f"run {out}:" in start and "2 replica(s)" in start, start
+        assert start.endswith("2 micro-batches of 8 per replica"), start
         assert _summary(output)["run"] == str(out)
     assert _start_line(chief).startswith(f"Starting run {out}:")
 

@@ -1,0 +1,113 @@
+"""Micro-batches: one optimizer step on a batch computed in parts (gradient accumulation).
+
+`use_micro_batches(model, n)` makes `model.fit` split each replica's batch into `n` parts,
+run the forward and backward pass on one part at a time and sum the gradients, each
+weighted by its share of the batch, before the one update. The update, the logged loss and
+the metrics are those of the whole batch (the loss is a mean over examples, metrics are
+running sums); only dropout and stochastic depth draw their masks per part.
+
+Why: the activations kept for the backward pass shrink n-fold, so a batch that does not fit
+in accelerator memory trains as it is; and on CPUs the parts' activations stay in the caches:
+`fit` of ViT-Ti at 32x32 (patch 4, depth 6, batch 128) ran 1.09x faster with 4 parts, S/16 at
+224 (batch 32) 1.13x with 4 (2 cores, XLA; `auto_micro_batches` encodes it).
+
+TensorFlow-only module (it replaces the TensorFlow trainer's `train_step`).
+"""
+
+import math
+import types
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as loss_module
+from keras.src.trainers.data_adapters import data_adapter_utils
+
+# On CPUs, parts of about this many tokens (images x tokens per image) were fastest: fewer
+# spill the caches, more leave the matmuls too small (ViT-Ti 32x32 and S/16 224, 2 cores).
+CPU_TOKENS_PER_PART = 1536
+
+
+def auto_micro_batches(per_replica_batch, tokens, device_type="CPU"):
+    """How many parts `fit` should split a replica's batch into: on CPUs, the most parts that
+    divide the batch and keep at least `CPU_TOKENS_PER_PART` tokens each; 1 on GPUs and TPUs
+    (there a larger batch fills the device better; ask for parts to save memory).
+
+    Args:
+        per_replica_batch: int, examples per replica per step.
+        tokens: int, tokens per image (patches, plus the class token).
+        device_type: "CPU", "GPU" or "TPU", what the replicas run on.
+    """
+    if device_type != "CPU":
+        return 1
+    best = 1
+    for parts in range(1, per_replica_batch + 1):
+        if per_replica_batch % parts == 0 and per_replica_batch // parts * tokens >= \
+                CPU_TOKENS_PER_PART:
+            best = parts
+    return best
+
+
+def use_micro_batches(model, parts):
+    """Makes `model.fit` compute each replica's batch in `parts` parts (see the module doc).
+
+    Call it before `fit` (it replaces the model's `train_step`; a compiled train function is
+    dropped so that the next `fit` traces the new one). `parts=1` restores Keras' own step.
+    Works under every `tf.distribute` strategy, with mixed precision loss scaling, sample
+    weights and batches of any size (a batch smaller than `parts` runs in fewer parts).
+    Nothing is saved with the model: a loaded model trains with whole batches until this is
+    called again.
+
+    Args:
+        model: a compiled or uncompiled Keras model (TensorFlow backend).
+        parts: int >= 1.
+    """
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive integer, got {parts!r}.")
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError("use_micro_batches replaces the TensorFlow trainer's train_step; "
+                           f"this is the {keras.backend.backend()} backend.")
+    if parts == 1:
+        model.__dict__.pop("train_step", None)
+    else:
+        model.train_step = types.MethodType(_micro_batch_train_step(parts), model)
+    model.train_function = None
+
+
+def micro_batches_of(model):
+    """The parts `model.fit` computes each batch in: what `use_micro_batches` set, else 1."""
+    return getattr(model.train_step, "micro_batches", 1)
+
+
+def _micro_batch_train_step(parts):
+    def train_step(self, data):
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        first = next(t for t in tf.nest.flatten(x) if t is not None)
+        batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
+        size = -(-batch // parts)  # ceil: the last part may be smaller
+        count = math.ceil(batch / size) if isinstance(batch, int) else parts
+        weights = self.trainable_weights
+        total = [None] * len(weights)
+        for i in range(count):
+            def part(t, i=i):
+                return None if t is None else t[i * size:(i + 1) * size]
+            xi, yi, wi = (tf.nest.map_structure(part, v) if v is not None else None
+                          for v in (x, y, sample_weight))
+            examples = tf.shape(next(t for t in tf.nest.flatten(xi) if t is not None))[0]
+            with tf.GradientTape() as tape:
+                y_pred = self(xi, training=True) if self._call_has_training_arg else self(xi)
+                loss = self._compute_loss(x=xi, y=yi, y_pred=y_pred, sample_weight=wi,
+                                          training=True)
+                self._loss_tracker.update_state(
+                    loss_module.unscale_loss_for_distribution(loss), sample_weight=examples)
+                # The batch's loss is the parts' losses weighted by their share of examples.
+                share = tf.cast(examples, loss.dtype) / tf.cast(batch, loss.dtype)
+                loss = self.optimizer.scale_loss(loss * share)
+            grads = tape.gradient(loss, weights)
+            total = [g if t is None else (t if g is None else t + g)
+                     for t, g in zip(total, grads)]
+            self.compute_metrics(xi, yi, y_pred, sample_weight=wi)
+        self.optimizer.apply_gradients(zip(total, weights))
+        return self.get_metrics_result()
+
+    train_step.micro_batches = parts
+    return train_step
