@@ -7,7 +7,7 @@ lower latency, less memory). Peers: keras-hub's `ViTBackbone` at the same config
 where they import. The float32 matmul peak of this machine is measured in the same run
 (a large TensorFlow matmul), so throughput is also given as a fraction of it.
 
-    python scripts/benchmark.py --quick          # about 3 minutes on 2 idle cores
+    python scripts/benchmark.py --quick          # about 8 minutes on 2 idle cores
     python scripts/benchmark.py                  # every row (Ti/S/B-16, batch 1 and 16, ...)
     python scripts/benchmark.py --rows infer --variants B/16 --batch-sizes 16 --repeats 10
 
@@ -38,7 +38,7 @@ PEER_GELU = "erf"
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
                         help="a short run (Ti/16 inference, training, bf16, TFLite, B/16 memory; "
-                             "few repetitions): about 3 minutes on 2 idle cores")
+                             "few repetitions): about 8 minutes on 2 idle cores")
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated rows among {','.join(ROWS)} (default: all)")
     parser.add_argument("--variants", default=None,

@@ -53,7 +53,10 @@ def use_micro_batches(model, parts):
     Call it before `fit` (it replaces the model's `train_step`; a compiled train function is
     dropped so that the next `fit` traces the new one). `parts=1` restores Keras' own step.
     Works under every `tf.distribute` strategy, with mixed precision loss scaling, sample
-    weights and batches of any size (a batch smaller than `parts` runs in fewer parts).
+    weights and batches of any size (a batch smaller than `parts` runs in fewer parts). The
+    parts' losses are weighted by their share of the batch, which is right for losses that
+    average over the batch (Keras' default reduction); a loss summed over the batch
+    (`reduction="sum"`) would be scaled down.
     Nothing is saved with the model: a loaded model trains with whole batches until this is
     called again.
 
