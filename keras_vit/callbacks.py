@@ -2,9 +2,16 @@
 
 import json
 import math
+import os
+import shutil
+import warnings
 
 import keras
 import numpy as np
+
+
+# What Keras 3.15 warns when a weights file's optimizer state does not fit the optimizer.
+_OPTIMIZER_MISMATCH = "Skipping variable loading for optimizer"
 
 
 def _finite(logs):
@@ -35,20 +42,27 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         """Loads the last backup into `model` (if any); returns the number of batches it had
         trained on."""
         self.set_model(model)
-        keras.callbacks.BackupAndRestore.on_train_begin(self)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            keras.callbacks.BackupAndRestore.on_train_begin(self)
+        for warning in caught:
+            if _OPTIMIZER_MISMATCH in str(warning.message):
+                # Keras only warns when the optimizer state does not fit (a mixed_float16
+                # backup's loss-scale optimizer has more variables, SGD fewer than AdamW):
+                # the run would restart its schedule and data stream on trained weights.
+                raise ValueError(
+                    f"The backup in {self.backup_dir} does not fit this run's optimizer "
+                    "(another --precision or --optimizer?): resume with the flags the run was "
+                    "started with (its config.json), or start a new run with --out NEW_FOLDER.")
+            warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                   warning.lineno)
         # fit() would prefer this over its initial_epoch argument on every later call.
         model._initial_epoch = None
-        step = int(model.optimizer.iterations.numpy())
-        # Backups written before the count was kept: the optimizer's steps.
-        self.batches_trained = self._metadata().get("batches_trained", step)
-        if step == 0 and self._backed_up_after_training():
-            # Keras only warns when the optimizer state does not fit (e.g. a mixed_float16
-            # backup, whose loss-scale optimizer has more variables): the run would restart
-            # its schedule and data stream on trained weights.
-            raise ValueError(
-                f"The backup in {self.backup_dir} does not fit this run's optimizer (another "
-                "--precision or --optimizer?): resume with the flags the run was started with "
-                "(its config.json), or start a new run with --out NEW_FOLDER.")
+        # Never fewer batches than updates: the optimizer's count (in the weights file) also
+        # covers backups from before the count was kept, and a kill between the weights
+        # write and the metadata write.
+        self.batches_trained = max(self._metadata().get("batches_trained", 0),
+                                   int(model.optimizer.iterations.numpy()))
         return self.batches_trained
 
     def _metadata(self):
@@ -58,20 +72,25 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         except (OSError, ValueError):
             return {}
 
-    def _backed_up_after_training(self):
-        state = self._metadata()
-        return bool(state.get("epoch") or state.get("batch"))
-
     def _save_model(self):
+        """Keras' backup (the previous one kept as .bkp), with the count of batches trained in
+        its metadata, written at once (a kill mid-write leaves the previous file)."""
         # The logged loss is computed before the step's update, so a finite loss can come with
         # an update that made the weights NaN: never back those up over the last good state.
-        if all(np.isfinite(w).all() for w in self.model.get_weights()):
-            super()._save_model()
-            # Keras wrote the epoch and batch; the count goes in the same file (a kill before
-            # this line leaves a backup that resumes by the optimizer's step count).
-            state = {**self._metadata(), "batches_trained": self.batches_trained}
-            with open(self._training_metadata_path, "w") as f:
-                json.dump(state, f)
+        if not all(np.isfinite(w).all() for w in self.model.get_weights()):
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        for path, previous in ((self._weights_path, self._prev_weights_path),
+                               (self._training_metadata_path, self._prev_training_metadata_path)):
+            if os.path.exists(path):
+                shutil.copyfile(path, previous)
+        self.model.save_weights(filepath=self._weights_path, overwrite=True)
+        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
+                 "batches_trained": self.batches_trained}
+        partial = f"{self._training_metadata_path}.partial"
+        with open(partial, "w") as f:
+            json.dump(state, f)
+        os.replace(partial, self._training_metadata_path)
 
     def on_train_begin(self, logs=None):
         pass  # restored explicitly by `restore`, before the input pipeline is built

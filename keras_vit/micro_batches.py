@@ -4,7 +4,8 @@
 run the forward and backward pass on one part at a time and sum the gradients, each
 weighted by its share of the batch, before the one update. The update, the logged loss and
 the metrics are those of the whole batch (the loss is a mean over examples, metrics are
-running sums); only dropout and stochastic depth draw their masks per part.
+running sums; `use_micro_batches` lists the losses where that does not hold); only dropout
+and stochastic depth draw their masks per part.
 
 Why: the activations kept for the backward pass shrink n-fold, so a batch that does not fit
 in accelerator memory trains as it is; and on CPUs the parts' activations stay in the caches:
@@ -14,7 +15,6 @@ in accelerator memory trains as it is; and on CPUs the parts' activations stay i
 TensorFlow-only module (it replaces the TensorFlow trainer's `train_step`).
 """
 
-import math
 import types
 
 import keras
@@ -53,10 +53,13 @@ def use_micro_batches(model, parts):
     Call it before `fit` (it replaces the model's `train_step`; a compiled train function is
     dropped so that the next `fit` traces the new one). `parts=1` restores Keras' own step.
     Works under every `tf.distribute` strategy, with mixed precision loss scaling, sample
-    weights and batches of any size (a batch smaller than `parts` runs in fewer parts). The
-    parts' losses are weighted by their share of the batch, which is right for losses that
-    average over the batch (Keras' default reduction); a loss summed over the batch
-    (`reduction="sum"`) would be scaled down.
+    weights and batches of any size (parts of ceil(batch / parts) examples: a batch of 12 in
+    5 parts runs 4 parts of 3; with no static batch size the last parts may be empty). The
+    parts' losses are weighted by their share of examples, which gives the whole batch's
+    loss for Keras' default reduction (a mean over the batch); it does not for losses summed
+    over the batch (`reduction="sum"`), divided by each part's weight sum
+    ("mean_with_sample_weight") or averaged over unmasked entries, and BatchNormalization
+    updates its moving statistics once per part (ViTs use LayerNorm).
     Nothing is saved with the model: a loaded model trains with whole batches until this is
     called again.
 
@@ -76,6 +79,11 @@ def use_micro_batches(model, parts):
     model.train_function = None
 
 
+def part_count(batch, parts):
+    """How many parts of ceil(batch / parts) examples a batch of `batch` is computed in."""
+    return -(-batch // -(-batch // parts))
+
+
 def micro_batches_of(model):
     """The parts `model.fit` computes each batch in: what `use_micro_batches` set, else 1."""
     return getattr(model.train_step, "micro_batches", 1)
@@ -87,7 +95,7 @@ def _micro_batch_train_step(parts):
         first = next(t for t in tf.nest.flatten(x) if t is not None)
         batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
         size = -(-batch // parts)  # ceil: the last part may be smaller
-        count = math.ceil(batch / size) if isinstance(batch, int) else parts
+        count = part_count(batch, parts) if isinstance(batch, int) else parts
         weights = self.trainable_weights
         total = [None] * len(weights)
         for i in range(count):
@@ -105,7 +113,9 @@ def _micro_batch_train_step(parts):
                 # The batch's loss is the parts' losses weighted by their share of examples.
                 share = tf.cast(examples, loss.dtype) / tf.cast(batch, loss.dtype)
                 loss = self.optimizer.scale_loss(loss * share)
-            grads = tape.gradient(loss, weights)
+            # Sparse gradients (embedding lookups) are summed dense.
+            grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g
+                     for g in tape.gradient(loss, weights)]
             total = [g if t is None else (t if g is None else t + g)
                      for t, g in zip(total, grads)]
             self.compute_metrics(xi, yi, y_pred, sample_weight=wi)

@@ -348,7 +348,7 @@ def train(config):
     from keras_vit import augment, data as data_lib, run_dir as run_lib
     from keras_vit.callbacks import RunBackup, StopOnNaN
     from keras_vit.layers import patch_grid
-    from keras_vit.micro_batches import use_micro_batches
+    from keras_vit.micro_batches import part_count, use_micro_batches
     from keras_vit.variants import parse_variant
 
     # Model settings are checked before the data loads or the run folder is written.
@@ -402,8 +402,9 @@ def train(config):
           f"validation / {data.sizes['test']} test, {num_classes} classes), "
           f"{distribute.describe(strategy)}, {precision}, "
           f"XLA {'on' if jit else 'off'}"
-          + (f", {micro_batches} micro-batches of {-(-per_replica_batch // micro_batches)} "
-             "per replica" if micro_batches > 1 else ""), flush=True)
+          + (f", {part_count(per_replica_batch, micro_batches)} micro-batches of "
+             f"{-(-per_replica_batch // micro_batches)} per replica"
+             if micro_batches > 1 else ""), flush=True)
 
     with strategy.scope():
         model = keras_vit.build(

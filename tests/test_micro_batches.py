@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 import keras_vit
-from keras_vit.micro_batches import auto_micro_batches, micro_batches_of, use_micro_batches
+from keras_vit.micro_batches import (auto_micro_batches, micro_batches_of, part_count,
+                                     use_micro_batches)
 from tests.conftest import randomize_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,6 +79,27 @@ def test_adamw_and_mixed_precision_loss_scaling():
     parts = _train(4, dataset, optimizer=keras.optimizers.SGD(0.5))
     _assert_same_training(whole, parts, atol=5e-3)  # float16 activations
     assert all(np.isfinite(w).all() for w in parts[0])
+
+
+def test_sparse_gradients_of_an_embedding():
+    rng = np.random.default_rng(0)
+    ids, y = rng.integers(0, 50, (16, 6)), rng.normal(size=(16, 1)).astype("float32")
+    runs = []
+    for parts in (1, 4):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((6,), dtype="int32"), keras.layers.Embedding(50, 4),
+                                  keras.layers.Flatten(), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss="mse", jit_compile=False)
+        use_micro_batches(model, parts)
+        model.fit(ids, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        runs.append([w.numpy() for w in model.trainable_weights])
+    for whole, parts in zip(*runs):
+        np.testing.assert_allclose(parts, whole, atol=1e-6)
+
+
+def test_part_count():
+    assert part_count(128, 4) == 4 and part_count(12, 5) == 4 and part_count(3, 8) == 3
+    assert part_count(13, 4) == 4 and part_count(1, 2) == 1
 
 
 def test_parts_one_restores_keras_step_and_bad_counts_are_refused():

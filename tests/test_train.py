@@ -473,11 +473,24 @@ def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):
     model = _tiny_compiled("mixed_float16")
     backup = RunBackup(tmp_path / "backup", save_freq=1)
     assert backup.restore(model) == 0
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False, callbacks=[backup])
+    model.fit(x[:16], y[:16], batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[backup])
+    # Two batches, no update yet: a real backup, not one whose optimizer state did not load.
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert RunBackup(tmp_path / "backup", save_freq=1).restore(
+        _tiny_compiled("mixed_float16")) == 2
+    model.fit(x[16:], y[16:], batch_size=8, epochs=1, verbose=0, shuffle=False,
+              callbacks=[backup])
     assert int(model.optimizer.iterations.numpy()) == 6
     resumed = _tiny_compiled("mixed_float16")
     assert RunBackup(tmp_path / "backup", save_freq=1).restore(resumed) == 8
     assert int(resumed.optimizer.iterations.numpy()) == 6
+    # Metadata older than the weights (a kill between the two writes): never fewer batches
+    # than the updates the weights have seen.
+    metadata = tmp_path / "backup" / "training_metadata.json"
+    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "batches_trained": 3}))
+    assert RunBackup(tmp_path / "backup", save_freq=1).restore(
+        _tiny_compiled("mixed_float16")) == 6
 
 
 def test_weights_made_non_finite_by_an_update_are_not_backed_up(tmp_path):
