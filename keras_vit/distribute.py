@@ -249,6 +249,18 @@ def remove_worker_dir(run_dir, strategy=None):
     return path
 
 
+def values_across_workers(value, strategy=None):
+    """This process's integer `value` and every other worker's, gathered with the strategy's
+    collectives: `[value]` on single-process strategies, one entry per replica under
+    MultiWorkerMirroredStrategy (every worker must call it at the same point, as with any
+    collective)."""
+    strategy = strategy or tf.distribute.get_strategy()
+    if _cluster_task(strategy) is None:
+        return [int(value)]
+    per_replica = strategy.run(lambda: tf.constant([int(value)], tf.int64))
+    return [int(v) for v in strategy.gather(per_replica, axis=0).numpy()]
+
+
 def per_replica_batch_size(global_batch_size, strategy=None):
     """`global_batch_size / strategy.num_replicas_in_sync`, checked.
 

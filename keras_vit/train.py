@@ -425,6 +425,16 @@ def train(config):
     backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
     with stop_on(ValueError):
         step = backup.restore(model)
+    steps = distribute.values_across_workers(step, strategy)
+    if len(set(steps)) > 1:
+        # Training on would hang in the collectives or train replicas apart.
+        raise SystemExit(
+            f"keras-vit train: the workers restored different backups (batches trained: "
+            f"{steps}); the job was stopped while some were writing one. Each worker's backup "
+            "folder (backup/ in the run folder on the chief, .worker_temp/*/backup/ on the "
+            "others) keeps the one before as latest.weights.h5.bkp and "
+            "training_metadata.json.bkp: on the workers ahead, move those over latest.weights.h5 "
+            "and training_metadata.json, then start the same command again.")
     total_steps = config["epochs"] * spe
     if step:
         print(f"Restored the backup at step {step} of {total_steps} "

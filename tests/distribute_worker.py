@@ -142,6 +142,8 @@ def run_multi_worker(args):
                         callbacks=[backup, progress])
     report["loss"] = [float(v) for v in history.history["loss"]]
     report["accuracy"] = [float(v) for v in history.history["accuracy"]]
+    # What `keras-vit train` compares after restoring each worker's own backup.
+    report["gathered"] = distribute.values_across_workers(100 + task_index, strategy)
     log(f"loss {report['loss']}; evaluate")
     report["evaluate"] = [float(v) for v in model.evaluate(dataset(), verbose=0)]
     log("save")

@@ -177,6 +177,10 @@ def test_multi_worker_fit_two_processes(multi_worker_run):
     history = single.fit(worker.dataset(), epochs=3, verbose=0, shuffle=False)
     np.testing.assert_allclose(chief["loss"], history.history["loss"], rtol=1e-4)
 
+    # Each worker sees every worker's value (train compares the restored backups' steps).
+    assert chief["gathered"] == other["gathered"] == [100, 101]
+    assert distribute.values_across_workers(7) == [7]  # one process: its own value
+
     # Identical weights at the end (workers started from different seeds).
     with np.load(report_dir / "worker-0.npz") as a, np.load(report_dir / "worker-1.npz") as b:
         assert a.files == b.files and len(a.files) > 10

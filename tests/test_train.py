@@ -505,3 +505,20 @@ def test_weights_made_non_finite_by_an_update_are_not_backed_up(tmp_path):
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))  # finite loss logged, NaN update
     backup._save_model()
     assert (tmp_path / "backup" / "latest.weights.h5").read_bytes() == saved
+
+
+def test_workers_that_restored_different_backups_stop_with_the_fix(tmp_path, monkeypatch):
+    # A multi-worker job killed while its workers wrote a backup: one resumes ahead of the
+    # other, which would hang in the collectives; stop before training, saying what to do.
+    import argparse
+
+    from keras_vit import distribute
+    from keras_vit.train import add_arguments, resolve_config, train
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = resolve_config(parser.parse_args(["--out", str(tmp_path / "run"), *TINY]))
+    monkeypatch.setattr(distribute, "values_across_workers", lambda value, strategy: [50, 100])
+    with pytest.raises(SystemExit, match=r"restored different backups \(batches trained: "
+                                         r"\[50, 100\]\).*latest\.weights\.h5\.bkp"):
+        train(config)
