@@ -6,12 +6,15 @@ import os
 import shutil
 import warnings
 
+import h5py
 import keras
 import numpy as np
 
 
 # What Keras 3.15 warns when a weights file's optimizer state does not fit the optimizer.
 _OPTIMIZER_MISMATCH = "Skipping variable loading for optimizer"
+# Attribute of a backup's weights file: batches trained when it was written.
+_BATCHES_TRAINED = "keras_vit_batches_trained"
 
 
 def _finite(logs):
@@ -25,12 +28,12 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     Keras' callback restores the weights (optimizer included) and the epoch, then
     replays the interrupted epoch from its first batch. Here the run restores
     before its input pipeline is built (`restore`), and the count of batches trained,
-    kept with each backup, tells the pipeline how many to skip, so training continues
-    with the batch after the last backup. (The optimizer's step count is not that count
-    under mixed_float16: the loss-scale optimizer skips updates whose gradients overflow.) Backups happen every `save_freq` steps and at
-    each epoch end; a backup is skipped when the loss is not finite, so the last
-    good state survives a divergence. Two copies are kept (`double_checkpoint`) so
-    a kill during a write leaves the previous one.
+    kept in each backup's weights file, tells the pipeline how many to skip, so training
+    continues with the batch after the last backup. (The optimizer's step count is not that
+    count under mixed_float16: the loss-scale optimizer skips updates whose gradients
+    overflow.) Backups happen every `save_freq` steps and at each epoch end; a backup is
+    skipped when the loss is not finite, so the last good state survives a divergence. The
+    previous backup is kept (`double_checkpoint`) and the new one replaces it at once.
     """
 
     def __init__(self, backup_dir, save_freq):
@@ -58,23 +61,18 @@ class RunBackup(keras.callbacks.BackupAndRestore):
                                    warning.lineno)
         # fit() would prefer this over its initial_epoch argument on every later call.
         model._initial_epoch = None
-        # Never fewer batches than updates: the optimizer's count (in the weights file) also
-        # covers backups from before the count was kept, and a kill between the weights
-        # write and the metadata write.
-        self.batches_trained = max(self._metadata().get("batches_trained", 0),
-                                   int(model.optimizer.iterations.numpy()))
+        # The count is in the weights file, written with the weights; a backup from before
+        # it was kept resumes by the optimizer's steps.
+        self.batches_trained = int(model.optimizer.iterations.numpy())
+        if os.path.exists(self._weights_path):
+            with h5py.File(self._weights_path, "r") as f:
+                self.batches_trained = int(f.attrs.get(_BATCHES_TRAINED, self.batches_trained))
         return self.batches_trained
 
-    def _metadata(self):
-        try:
-            with open(self._training_metadata_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
-
     def _save_model(self):
-        """Keras' backup (the previous one kept as .bkp), with the count of batches trained in
-        its metadata, written at once (a kill mid-write leaves the previous file)."""
+        """Keras' backup (the previous one kept as .bkp), with the count of batches trained
+        inside the weights file, which replaces the last one at once: a kill at any moment
+        leaves a whole backup whose weights and count agree."""
         # The logged loss is computed before the step's update, so a finite loss can come with
         # an update that made the weights NaN: never back those up over the last good state.
         if not all(np.isfinite(w).all() for w in self.model.get_weights()):
@@ -84,12 +82,14 @@ class RunBackup(keras.callbacks.BackupAndRestore):
                                (self._training_metadata_path, self._prev_training_metadata_path)):
             if os.path.exists(path):
                 shutil.copyfile(path, previous)
-        self.model.save_weights(filepath=self._weights_path, overwrite=True)
-        state = {"epoch": self._current_epoch, "batch": self._last_batch_seen,
-                 "batches_trained": self.batches_trained}
+        partial = os.path.join(self.backup_dir, "partial.weights.h5")
+        self.model.save_weights(filepath=partial, overwrite=True)
+        with h5py.File(partial, "a") as f:
+            f.attrs[_BATCHES_TRAINED] = self.batches_trained
+        os.replace(partial, self._weights_path)
         partial = f"{self._training_metadata_path}.partial"
         with open(partial, "w") as f:
-            json.dump(state, f)
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
         os.replace(partial, self._training_metadata_path)
 
     def on_train_begin(self, logs=None):

@@ -423,18 +423,26 @@ def train(config):
     use_micro_batches(model, micro_batches)
 
     backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
-    with stop_on(ValueError):
-        step = backup.restore(model)
+    try:
+        step, problem = backup.restore(model), None
+    except (ValueError, OSError) as err:  # every worker still takes part in the gather below
+        step, problem = -1, err
     steps = distribute.values_across_workers(step, strategy)
+    if problem is not None:
+        raise SystemExit(f"keras-vit train: {problem}")
+    if min(steps) < 0:
+        raise SystemExit("keras-vit train: another worker could not restore its backup; its "
+                         "output says why.")
     if len(set(steps)) > 1:
         # Training on would hang in the collectives or train replicas apart.
         raise SystemExit(
-            f"keras-vit train: the workers restored different backups (batches trained: "
-            f"{steps}); the job was stopped while some were writing one. Each worker's backup "
-            "folder (backup/ in the run folder on the chief, .worker_temp/*/backup/ on the "
-            "others) keeps the one before as latest.weights.h5.bkp and "
-            "training_metadata.json.bkp: on the workers ahead, move those over latest.weights.h5 "
-            "and training_metadata.json, then start the same command again.")
+            f"keras-vit train: the workers restored different backups (batches trained, one "
+            f"per replica: {steps}; this is {distribute.describe(strategy)}, at {step}); the "
+            "job was stopped while some were writing one. Each worker's backup folder "
+            "(backup/ in the run folder on the chief, .worker_temp/*/backup/ on the others) "
+            "keeps the one before as latest.weights.h5.bkp and training_metadata.json.bkp: on "
+            "the workers ahead, move those over latest.weights.h5 and training_metadata.json, "
+            "then start the same command again.")
     total_steps = config["epochs"] * spe
     if step:
         print(f"Restored the backup at step {step} of {total_steps} "

@@ -456,6 +456,12 @@ def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
     model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[backup])
     with pytest.raises(ValueError, match="does not fit this run's optimizer.*--precision"):
         RunBackup(tmp_path / "backup", save_freq=3).restore(_tiny_compiled("float32"))
+    float32_run = _tiny_compiled("float32")
+    backup32 = RunBackup(tmp_path / "backup32", save_freq=3)
+    backup32.restore(float32_run)
+    float32_run.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[backup32])
+    with pytest.raises(ValueError, match="does not fit this run's optimizer"):
+        RunBackup(tmp_path / "backup32", save_freq=3).restore(_tiny_compiled("mixed_float16"))
     # The same precision resumes at the step it reached.
     assert RunBackup(tmp_path / "backup", save_freq=3).restore(
         _tiny_compiled("mixed_float16")) == 8
@@ -485,12 +491,16 @@ def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):
     resumed = _tiny_compiled("mixed_float16")
     assert RunBackup(tmp_path / "backup", save_freq=1).restore(resumed) == 8
     assert int(resumed.optimizer.iterations.numpy()) == 6
-    # Metadata older than the weights (a kill between the two writes): never fewer batches
-    # than the updates the weights have seen.
-    metadata = tmp_path / "backup" / "training_metadata.json"
-    metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "batches_trained": 3}))
+    # A corrupt latest file (a disk error; a kill cannot leave one, the new file replaces
+    # the old at once): Keras falls back to the previous backup, with its own count.
+    backup.batches_trained = 9
+    backup._save_model()  # latest: 9 batches, the previous (.bkp): 8
     assert RunBackup(tmp_path / "backup", save_freq=1).restore(
-        _tiny_compiled("mixed_float16")) == 6
+        _tiny_compiled("mixed_float16")) == 9
+    weights = tmp_path / "backup" / "latest.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert RunBackup(tmp_path / "backup", save_freq=1).restore(
+        _tiny_compiled("mixed_float16")) == 8
 
 
 def test_weights_made_non_finite_by_an_update_are_not_backed_up(tmp_path):
@@ -519,6 +529,6 @@ def test_workers_that_restored_different_backups_stop_with_the_fix(tmp_path, mon
     add_arguments(parser)
     config = resolve_config(parser.parse_args(["--out", str(tmp_path / "run"), *TINY]))
     monkeypatch.setattr(distribute, "values_across_workers", lambda value, strategy: [50, 100])
-    with pytest.raises(SystemExit, match=r"restored different backups \(batches trained: "
-                                         r"\[50, 100\]\).*latest\.weights\.h5\.bkp"):
+    with pytest.raises(SystemExit, match=r"restored different backups \(batches trained, one "
+                                         r"per replica: \[50, 100\];.*latest\.weights\.h5\.bkp"):
         train(config)
