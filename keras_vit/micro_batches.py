@@ -79,9 +79,11 @@ def use_micro_batches(model, parts):
     model.train_function = None
 
 
-def part_count(batch, parts):
-    """How many parts of ceil(batch / parts) examples a batch of `batch` is computed in."""
-    return -(-batch // -(-batch // parts))
+def part_sizes(batch, parts):
+    """(parts that run, examples per part) for a batch of `batch` asked in `parts` parts:
+    parts of ceil(batch / parts) examples, the last one possibly smaller."""
+    size = -(-batch // parts)
+    return -(-batch // size), size
 
 
 def micro_batches_of(model):
@@ -94,8 +96,9 @@ def _micro_batch_train_step(parts):
         x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
         first = next(t for t in tf.nest.flatten(x) if t is not None)
         batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
-        size = -(-batch // parts)  # ceil: the last part may be smaller
-        count = part_count(batch, parts) if isinstance(batch, int) else parts
+        # With no static batch size, `parts` parts run (the last ones may be empty).
+        count, size = part_sizes(batch, parts) if isinstance(batch, int) else (
+            parts, -(-batch // parts))
         weights = self.trainable_weights
         total = [None] * len(weights)
         for i in range(count):

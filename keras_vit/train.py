@@ -302,6 +302,34 @@ def pick_micro_batches(config, per_replica_batch, tokens, strategy):
     return auto_micro_batches(per_replica_batch, tokens, device_type)
 
 
+def restore_on_every_worker(backup, model, strategy):
+    """`backup.restore(model)`, then a check that every worker of a multi-worker run restored
+    a backup of the same step (each keeps its own); returns the batches trained."""
+    from keras_vit import distribute
+
+    try:
+        step, problem = backup.restore(model), None
+    except (ValueError, OSError) as err:  # every worker still takes part in the gather below
+        step, problem = -1, err
+    steps = distribute.values_across_workers(step, strategy)
+    if problem is not None:
+        raise SystemExit(f"keras-vit train: {problem}")
+    if min(steps) < 0:
+        raise SystemExit("keras-vit train: another worker could not restore its backup; its "
+                         "output says why.")
+    if len(set(steps)) > 1:
+        # Training on would hang in the collectives or train replicas apart.
+        raise SystemExit(
+            f"keras-vit train: the workers restored different backups (batches trained, one "
+            f"per replica: {steps}; this is {distribute.describe(strategy)}, at {step}); the "
+            "job was stopped while some were writing one. Each worker's backup folder "
+            "(backup/ in the run folder on the chief, .worker_temp/*/backup/ on the others) "
+            "keeps the one before as latest.weights.h5.bkp and training_metadata.json.bkp: on "
+            "the workers ahead, move those over latest.weights.h5 and training_metadata.json, "
+            "then start the same command again.")
+    return step
+
+
 def save_curves(history_csv, path):
     """A PNG of the loss and accuracy curves from history.csv."""
     import csv
@@ -348,7 +376,7 @@ def train(config):
     from keras_vit import augment, data as data_lib, run_dir as run_lib
     from keras_vit.callbacks import RunBackup, StopOnNaN
     from keras_vit.layers import patch_grid
-    from keras_vit.micro_batches import part_count, use_micro_batches
+    from keras_vit.micro_batches import part_sizes, use_micro_batches
     from keras_vit.variants import parse_variant
 
     # Model settings are checked before the data loads or the run folder is written.
@@ -402,9 +430,9 @@ def train(config):
           f"validation / {data.sizes['test']} test, {num_classes} classes), "
           f"{distribute.describe(strategy)}, {precision}, "
           f"XLA {'on' if jit else 'off'}"
-          + (f", {part_count(per_replica_batch, micro_batches)} micro-batches of "
-             f"{-(-per_replica_batch // micro_batches)} per replica"
-             if micro_batches > 1 else ""), flush=True)
+          + (", {} micro-batches of {} per replica".format(
+              *part_sizes(per_replica_batch, micro_batches)) if micro_batches > 1 else ""),
+          flush=True)
 
     with strategy.scope():
         model = keras_vit.build(
@@ -423,26 +451,7 @@ def train(config):
     use_micro_batches(model, micro_batches)
 
     backup = RunBackup(work_dir / "backup", save_freq=config["checkpoint_every"])
-    try:
-        step, problem = backup.restore(model), None
-    except (ValueError, OSError) as err:  # every worker still takes part in the gather below
-        step, problem = -1, err
-    steps = distribute.values_across_workers(step, strategy)
-    if problem is not None:
-        raise SystemExit(f"keras-vit train: {problem}")
-    if min(steps) < 0:
-        raise SystemExit("keras-vit train: another worker could not restore its backup; its "
-                         "output says why.")
-    if len(set(steps)) > 1:
-        # Training on would hang in the collectives or train replicas apart.
-        raise SystemExit(
-            f"keras-vit train: the workers restored different backups (batches trained, one "
-            f"per replica: {steps}; this is {distribute.describe(strategy)}, at {step}); the "
-            "job was stopped while some were writing one. Each worker's backup folder "
-            "(backup/ in the run folder on the chief, .worker_temp/*/backup/ on the others) "
-            "keeps the one before as latest.weights.h5.bkp and training_metadata.json.bkp: on "
-            "the workers ahead, move those over latest.weights.h5 and training_metadata.json, "
-            "then start the same command again.")
+    step = restore_on_every_worker(backup, model, strategy)
     total_steps = config["epochs"] * spe
     if step:
         print(f"Restored the backup at step {step} of {total_steps} "

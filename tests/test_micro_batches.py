@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_vit
-from keras_vit.micro_batches import (auto_micro_batches, micro_batches_of, part_count,
+from keras_vit.micro_batches import (auto_micro_batches, micro_batches_of, part_sizes,
                                      use_micro_batches)
 from tests.conftest import randomize_weights
 
@@ -97,9 +97,9 @@ def test_sparse_gradients_of_an_embedding():
         np.testing.assert_allclose(parts, whole, atol=1e-6)
 
 
-def test_part_count():
-    assert part_count(128, 4) == 4 and part_count(12, 5) == 4 and part_count(3, 8) == 3
-    assert part_count(13, 4) == 4 and part_count(1, 2) == 1
+def test_part_sizes():
+    assert part_sizes(128, 4) == (4, 32) and part_sizes(12, 5) == (4, 3)
+    assert part_sizes(3, 8) == (3, 1) and part_sizes(13, 4) == (4, 4) and part_sizes(1, 2) == (1, 1)
 
 
 def test_parts_one_restores_keras_step_and_bad_counts_are_refused():
