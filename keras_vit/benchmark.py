@@ -338,15 +338,15 @@ def _train_model(image_size, depth, xla, batch, micro_batches="auto"):
     of 32 at batch 128)."""
     import tensorflow as tf
 
-    from keras_vit.micro_batches import auto_micro_batches, use_micro_batches
+    from keras_vit.micro_batches import use_micro_batches
+    from keras_vit.train import pick_micro_batches
 
     model = _compile_for_fit(_keras_vit(TRAIN["variant"], image_size, depth, gelu=PEER_GELU,
                                         patch_size=TRAIN["patch_size"],
                                         num_classes=TRAIN["num_classes"]), xla)
-    if micro_batches == "auto":
-        tokens = (image_size // TRAIN["patch_size"]) ** 2 + 1
-        micro_batches = auto_micro_batches(
-            batch, tokens, "GPU" if tf.config.list_physical_devices("GPU") else "CPU")
+    tokens = (image_size // TRAIN["patch_size"]) ** 2 + 1
+    micro_batches = pick_micro_batches({"micro_batches": micro_batches}, batch, tokens,
+                                       tf.distribute.get_strategy())
     use_micro_batches(model, micro_batches)
     return model
 
