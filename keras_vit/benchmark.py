@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-ROWS = ("infer", "train", "bf16", "tflite", "memory")
+ROWS = ("infer", "train", "augment", "bf16", "tflite", "memory")
 PEERS = ("keras-hub", "torch")
 # (width, heads, mlp) of the paper's variants; depth 12 and patch 16 for all three.
 CONFIGS = {"Ti/16": (192, 3, 768), "S/16": (384, 6, 1536), "B/16": (768, 12, 3072)}
@@ -37,8 +37,8 @@ PEER_GELU = "erf"
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help="a short run (Ti/16 inference, training, bf16, TFLite, B/16 memory; "
-                             "few repetitions): about 8 minutes on 2 idle cores")
+                        help="a short run (Ti/16 inference, training, RandAugment, bf16, TFLite, "
+                             "B/16 memory; few repetitions): about 8 minutes on 2 idle cores")
     parser.add_argument("--rows", default=None,
                         help=f"comma-separated rows among {','.join(ROWS)} (default: all)")
     parser.add_argument("--variants", default=None,
@@ -405,6 +405,30 @@ def row_train(table, args, peers, peak):
         if not compared:
             table.add(work, _speed(ours, images), "-", None, None, pct, None,
                       f"keras-vit: {how}")
+
+
+def row_augment(table, args, peers, peak):
+    """RandAugment in the input pipeline: keras-vit's per-image operations against Keras'
+    layer (operations drawn once per batch, all 11 computed on every image)."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from keras_vit.augment import PerImageRandAugment
+
+    size, batch = args.image_size, args.train_batch_size
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3))
+                         .astype("uint8"))
+    layers = {"keras-vit": PerImageRandAugment(value_range=(0, 255), factor=0.5, seed=0),
+              "keras": keras.layers.RandAugment(value_range=(0, 255), factor=0.5, seed=0)}
+    calls = {}
+    for name, layer in layers.items():
+        augment = tf.function(lambda x, layer=layer: layer(tf.cast(x, tf.float32), training=True))
+        calls[name] = lambda augment=augment: augment(images).numpy()
+    t = interleaved(calls, args.repeats, args.warmup)
+    table.add(f"RandAugment {size}px batch {batch} (tf.data)", _speed(t["keras-vit"], batch),
+              "keras.layers.RandAugment", _speed(t["keras"], batch), t["keras"] / t["keras-vit"],
+              note="2 ops per image, factor 0.5; Keras draws them per batch")
 
 
 def _built_under(policy, build):

@@ -24,8 +24,8 @@ def test_benchmark_prints_table_with_ratios(tmp_path):
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:]
             if line.startswith("|")]
     works = [row[0] for row in rows]
-    for prefix in ("infer f32 Ti/16", "train fit", "infer bf16", "train fit bf16", "TFLite f32",
-                   "TFLite int8", "peak memory"):
+    for prefix in ("infer f32 Ti/16", "train fit", "RandAugment", "infer bf16", "train fit bf16",
+                   "TFLite f32", "TFLite int8", "peak memory"):
         assert any(w.startswith(prefix) for w in works), (prefix, works)
     ratio = columns.index("ratio")
     compared = [row for row in rows if row[ratio] != "-"]
