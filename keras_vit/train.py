@@ -86,7 +86,8 @@ def add_arguments(parser):
     recipe.add_argument("--rotate", type=float,
                         help="random rotation, fraction of a full turn (0.05 = 18 degrees)")
     recipe.add_argument("--zoom", type=float, help="random zoom in/out, fraction of the size")
-    recipe.add_argument("--randaugment", type=float, help="RandAugment strength 0..1 (0 off)")
+    recipe.add_argument("--randaugment", type=float,
+                        help="RandAugment magnitude 0..1, the paper's M / 10 (0 off)")
     recipe.add_argument("--mixup", type=float, help="MixUp alpha (0 off)")
     recipe.add_argument("--cutmix", type=float, help="CutMix factor (0 off)")
     recipe.add_argument("--seed", type=int, default=0)

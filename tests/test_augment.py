@@ -25,25 +25,108 @@ def test_operations_are_drawn_for_each_image():
 
 
 def test_each_image_goes_through_its_own_operations_in_order():
-    # AutoContrast and Equalization have no randomness, so the expected images are exact:
-    # image i gets its two drawn operations in order, and nothing else.
-    names = PerImageRandAugment._AUGMENT_LAYERS
-    contrast, equalize = names.index("auto_contrast"), names.index("equalization")
-    plans = [(contrast, equalize), (equalize, contrast), (contrast, contrast),
-             (equalize, equalize), (equalize, contrast), (contrast, equalize)]
-    images = tf.cast(_images(len(plans)), tf.float32)
+    # Posterize to 2 bits (made deterministic here), autocontrast and equalize do not
+    # commute, so the expected images are exact only if image i gets its two drawn
+    # operations, in order, and equalize sees that image's histogram alone.
     layer = PerImageRandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=1)
+    layer.random_posterization = keras.layers.RandomPosterization((2, 2), value_range=(0, 255))
+    names = PerImageRandAugment._AUGMENT_LAYERS
+    post, contrast, equalize = (names.index(n) for n in
+                                ("random_posterization", "auto_contrast", "equalization"))
+    plans = [(post, contrast), (contrast, post), (equalize, post), (post, equalize),
+             (post, post), (equalize, contrast), (contrast, equalize)]
+    images = tf.cast(_images(len(plans)), tf.float32) * 0.5 + 40  # not the full range
     layer.build(images.shape)
     out = layer.transform_images(
         images, {"layer_idxes": tf.constant(np.array(plans).T, tf.int32)})
 
-    single = {contrast: keras.layers.AutoContrast(value_range=(0, 255)),
+    single = {post: layer.random_posterization,
+              contrast: keras.layers.AutoContrast(value_range=(0, 255)),
               equalize: keras.layers.Equalization(value_range=(0, 255))}
     for i, plan in enumerate(plans):
         expected = images[i:i + 1]
         for op in plan:
-            expected = single[op](expected)
-        np.testing.assert_allclose(out[i], expected[0], atol=1e-4, err_msg=f"image {i}")
+            expected = single[op](expected, training=True)
+        np.testing.assert_allclose(out[i], expected[0], atol=1e-3, err_msg=f"image {i}")
+    reversed_first = single[post](single[contrast](images[:1], training=True), training=True)
+    assert not np.allclose(out[0], reversed_first[0])  # the order matters for these images
+
+
+def _forced(layer, name, images):
+    """The images after the named operation alone (one op per image)."""
+    index = PerImageRandAugment._AUGMENT_LAYERS.index(name)
+    choice = tf.fill((1, images.shape[0]), index)
+    return layer.transform_images(images, {"layer_idxes": choice}).numpy()
+
+
+def test_strengths_are_the_papers_both_ways():
+    # factor 0.5 = the paper's magnitude 5: rotation up to 15 degrees and shifts up to 22.5%
+    # of the size, either way; brightness and contrast both down and up (Keras' RandAugment
+    # rotates 0-180 degrees one way, shifts one way and only brightens).
+    layer = PerImageRandAugment(value_range=(0, 255), num_ops=1, factor=0.5, seed=0)
+    count, size = 300, 33
+    blob = np.zeros((count, size, size, 3), np.float32)
+    blob[:, 14:19, 26:31] = 255  # right of the centre
+    rotated = _forced(layer, "random_rotation", tf.constant(blob))[..., 0]
+    weights = np.clip(rotated - 127.5, 0, None)  # geometric operations fill with mid-grey
+    rows, cols = np.indices((size, size))
+    cy = (weights * rows).sum((1, 2)) / weights.sum((1, 2))
+    cx = (weights * cols).sum((1, 2)) / weights.sum((1, 2))
+    angles = np.degrees(np.arctan2(16 - cy, cx - 16))
+    assert np.abs(angles).max() <= 16 and angles.min() < -8 and angles.max() > 8
+
+    square = np.zeros((count, size, size, 3), np.float32)
+    square[:, 15:18, 15:18] = 255  # at the centre
+    shifted = _forced(layer, "random_translation", tf.constant(square))[..., 0]
+    weights = np.clip(shifted - 127.5, 0, None)
+    for d in ((weights * rows).sum((1, 2)) / weights.sum((1, 2)) - 16,
+              (weights * cols).sum((1, 2)) / weights.sum((1, 2)) - 16):
+        assert np.abs(d).max() <= 0.225 * size + 0.5 and d.min() < -3 and d.max() > 3
+
+    images = tf.constant(np.random.default_rng(0).uniform(64, 192, (count, 8, 8, 3)),
+                         tf.float32)
+    shift = _forced(layer, "random_brightness", images).mean((1, 2, 3)) - images.numpy().mean(
+        (1, 2, 3))
+    assert shift.min() < -30 and shift.max() > 30 and np.abs(shift).max() <= 0.225 * 255 + 1
+    ratio = _forced(layer, "random_contrast", images).std((1, 2, 3)) / images.numpy().std(
+        (1, 2, 3))
+    assert ratio.min() < 0.7 and ratio.max() > 1.3 and 0.54 <= ratio.min() and ratio.max() <= 1.46
+
+    # Solarize inverts the pixels above a threshold in the top half of the range.
+    ramp = tf.constant(np.broadcast_to(np.arange(256, dtype=np.float32).reshape(1, 16, 16, 1),
+                                       (count, 16, 16, 3)))
+    out = _forced(layer, "solarization", ramp)[..., 0].reshape(count, 256)
+    inverted = out != np.arange(256)
+    np.testing.assert_array_equal(out[inverted], (255 - np.arange(256)[None].repeat(count, 0))[
+        inverted])
+    first = np.where(inverted.any(1), inverted.argmax(1), 256)
+    assert first.min() >= 127 and first.max() > 200 and first.min() < 150
+    assert all(inverted[i, first[i]:].all() for i in range(count))
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_augmenter_runs_in_float32_under_mixed_precision(policy):
+    from keras_vit.augment import AugmentConfig, make_augmenter
+
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        augment = make_augmenter(AugmentConfig(flip=True, translate=0.1, randaugment=0.5,
+                                               cutmix=1.0), num_classes=4)
+        images = _images(8, size=32)
+        x, y = tf.function(augment)(images, tf.range(8) % 4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert x.dtype == tf.float32 and y.dtype == tf.float32
+    np.testing.assert_allclose(tf.reduce_sum(y, -1), 1.0, atol=1e-6)
+    assert float(tf.reduce_min(tf.reduce_max(y, -1))) < 1.0  # CutMix mixed the labels
+    mixup = make_augmenter(AugmentConfig(flip=False, mixup=0.2), num_classes=4)
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        mixup = make_augmenter(AugmentConfig(flip=False, mixup=0.2), num_classes=4)
+        x, y = tf.function(mixup)(images, tf.range(8) % 4)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert x.dtype == tf.float32 and float(tf.reduce_min(tf.reduce_max(y, -1))) < 1.0
 
 
 def test_runs_in_tf_data_on_any_batch_size_seeded():
