@@ -8,6 +8,8 @@ exactly what training saw.
 
 import concurrent.futures
 import dataclasses
+import hashlib
+import json
 import math
 import os
 from pathlib import Path
@@ -119,11 +121,38 @@ def _folders(root):
                   and not p.name.startswith(".") and p.name not in _NOT_CLASSES)
 
 
+def scan_cache_file(root):
+    """Where the verdicts of a folder's scan are kept: $KERAS_VIT_CACHE (default
+    ~/.cache/keras_vit)/folder_scans/<hash of the folder's absolute path>.json."""
+    base = Path(os.environ.get("KERAS_VIT_CACHE") or Path.home() / ".cache" / "keras_vit")
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    return base / "folder_scans" / f"{key}.json"
+
+
+def _read_scan_cache(path):
+    try:
+        return json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # none yet, or unreadable: scan everything
+
+
+def _write_scan_cache(path, root, verdicts):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        partial.write_text(json.dumps({"root": str(Path(root).resolve()), "files": verdicts}))
+        os.replace(partial, path)  # a killed scan never leaves half a cache
+    except OSError:
+        pass  # a read-only home only costs the next run a full scan
+
+
 def scan_folder(root):
     """Lists (path, label) of readable images in root/<class>/..., reporting the others.
 
     Every file is decoded once, so corrupt, truncated and non-image files are found
-    before training and skipped, not fatal to an epoch.
+    before training and skipped, not fatal to an epoch. The verdicts are kept (see
+    `scan_cache_file`) with each file's size and modification time, so a resumed run, or
+    the next run on the same folder, decodes only the files added or changed since.
 
     Returns:
         (paths, labels, class_names, skipped) where skipped is a list of "path: reason".
@@ -141,8 +170,23 @@ def scan_folder(root):
         for dirpath, _, filenames in os.walk(root / name):
             files += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
                       if not f.startswith(".")]
+    cache_file = scan_cache_file(root)
+    known = _read_scan_cache(cache_file)
+    keys = [os.path.relpath(path, root) for path, _ in files]
+    verdicts = {}  # key -> [size, mtime_ns, problem or None]
+    for (path, _), key in zip(files, keys):
+        stat = os.stat(path)
+        seen = known.get(key)
+        same = isinstance(seen, list) and seen[:2] == [stat.st_size, stat.st_mtime_ns]
+        verdicts[key] = [stat.st_size, stat.st_mtime_ns] + (seen[2:3] if same else [])
+    unknown = [(path, key) for (path, _), key in zip(files, keys) if len(verdicts[key]) == 2]
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        problems = list(pool.map(lambda item: _check_image_file(item[0]), files))
+        for (_, key), problem in zip(unknown, pool.map(_check_image_file,
+                                                       [path for path, _ in unknown])):
+            verdicts[key].append(problem)
+    if unknown or len(known) != len(verdicts):
+        _write_scan_cache(cache_file, root, verdicts)
+    problems = [verdicts[key][2] for key in keys]
     good = [item for item, problem in zip(files, problems) if problem is None]
     skipped = [f"{item[0]}: {problem}" for item, problem in zip(files, problems) if problem]
     if not good:

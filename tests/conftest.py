@@ -1,11 +1,14 @@
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Folder-scan verdicts (keras_vit.data.scan_cache_file) go to a fresh folder, not ~/.cache.
+os.environ["KERAS_VIT_CACHE"] = tempfile.mkdtemp(prefix="keras_vit_cache_")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -58,6 +58,55 @@ def test_scan_reports_each_unreadable_file_and_keeps_the_rest(image_folder):
     assert (np.bincount(labels) == [14, 14]).all()
 
 
+def test_a_later_scan_decodes_only_files_added_or_changed(image_folder, monkeypatch, tmp_path):
+    # The scan's verdicts are kept by size and modification time, so a resumed run (or the
+    # next run on the folder) does not decode every image again; changed files are rechecked.
+    from keras_vit import data
+
+    import shutil
+
+    source, good, bad = image_folder
+    root = tmp_path / "folder"  # a copy: this test changes files
+    shutil.copytree(source, root)
+    good = [root / p.relative_to(source) for p in good]
+    monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / "cache"))
+    decoded = []
+    check = data._check_image_file
+    monkeypatch.setattr(data, "_check_image_file", lambda path: decoded.append(path) or check(path))
+
+    first = scan_folder(root)
+    assert len(decoded) == len(good) + len(bad)
+    assert data.scan_cache_file(root).exists()
+    decoded.clear()
+    again = scan_folder(root)
+    assert decoded == []
+    assert again[0] == first[0] and again[3] == first[3] and (again[1] == first[1]).all()
+
+    spoiled = good[0]
+    spoiled.write_bytes(spoiled.read_bytes()[:100])  # truncated after the first scan
+    added = root / "dog" / "added.png"
+    write_image(added, "RGB", "PNG")
+    third = scan_folder(root)
+    assert sorted(decoded) == sorted([str(spoiled), str(added)])
+    assert str(spoiled) not in third[0] and str(added) in third[0]
+    assert any(line.startswith(f"{spoiled}: ") for line in third[3])
+
+
+def test_scan_works_without_a_usable_cache(image_folder, monkeypatch, tmp_path):
+    from keras_vit import data
+
+    root, good, bad = image_folder
+    monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / "cache"))
+    data.scan_cache_file(root).parent.mkdir(parents=True)
+    data.scan_cache_file(root).write_text("{ not json")  # e.g. a disk that filled mid-write
+    assert len(scan_folder(root)[0]) == len(good)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("KERAS_VIT_CACHE", str(blocker))  # cannot hold a cache folder
+    paths, _, _, skipped = scan_folder(root)
+    assert len(paths) == len(good) and len(skipped) == len(bad)
+
+
 def test_every_format_loads_as_rgb_at_the_model_size(image_folder):
     root, good, _ = image_folder
     data = load_folder(root, (8, 8), validation_split=0.2, test_split=0.2)
