@@ -12,6 +12,8 @@ import hashlib
 import json
 import math
 import os
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -121,38 +123,72 @@ def _folders(root):
                   and not p.name.startswith(".") and p.name not in _NOT_CLASSES)
 
 
+SCAN_CACHE_DAYS = 30  # scan caches unused this long are deleted
+
+
 def scan_cache_file(root):
-    """Where the verdicts of a folder's scan are kept: $KERAS_VIT_CACHE (default
-    ~/.cache/keras_vit)/folder_scans/<hash of the folder's absolute path>.json."""
-    base = Path(os.environ.get("KERAS_VIT_CACHE") or Path.home() / ".cache" / "keras_vit")
-    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    return base / "folder_scans" / f"{key}.json"
+    """Where a folder's scan keeps the files it found readable: $KERAS_VIT_CACHE (default
+    $XDG_CACHE_HOME/keras_vit or ~/.cache/keras_vit)/folder_scans/<hash of the folder's
+    absolute path>.json. Delete it to force a full scan."""
+    base = os.environ.get("KERAS_VIT_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "keras_vit"
+    key = hashlib.sha256(str(Path(root).expanduser().resolve()).encode()).hexdigest()[:16]
+    return Path(base) / "folder_scans" / f"{key}.json"
+
+
+def _file_identity(path):
+    """What must not change for a file's earlier verdict to hold: size, modification and
+    status-change times (the latter set by every write, copy or extraction, never by
+    hand), inode. None if the file cannot be stat'ed (a broken link): decode it."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino]
 
 
 def _read_scan_cache(path):
     try:
-        return json.loads(path.read_text())["files"]
+        readable = json.loads(path.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return {}  # none yet, or unreadable: scan everything
+    try:
+        os.utime(path)  # in use: not pruned
+    except OSError:
+        pass
+    return readable if isinstance(readable, dict) else {}
 
 
-def _write_scan_cache(path, root, verdicts):
+def _write_scan_cache(path, root, readable):
+    """Replaces the cache at once (a killed or concurrent write never leaves half of one)
+    and deletes other folders' caches unused for SCAN_CACHE_DAYS."""
+    partial = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps({"root": str(Path(root).resolve()), "files": verdicts}))
-        os.replace(partial, path)  # a killed scan never leaves half a cache
+        handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".partial")
+        with os.fdopen(handle, "w") as f:
+            json.dump({"folder": str(Path(root).resolve()), "files": readable}, f)
+        os.replace(partial, path)
+        partial = None
+        stale = time.time() - SCAN_CACHE_DAYS * 86400
+        for other in path.parent.iterdir():
+            if other != path and other.stat().st_mtime < stale:
+                other.unlink()
     except OSError:
-        pass  # a read-only home only costs the next run a full scan
+        pass  # a read-only or full disk only costs the next run a full scan
+    finally:
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
 
 
 def scan_folder(root):
     """Lists (path, label) of readable images in root/<class>/..., reporting the others.
 
     Every file is decoded once, so corrupt, truncated and non-image files are found
-    before training and skipped, not fatal to an epoch. The verdicts are kept (see
-    `scan_cache_file`) with each file's size and modification time, so a resumed run, or
-    the next run on the same folder, decodes only the files added or changed since.
+    before training and skipped, not fatal to an epoch. The files found readable are kept
+    (see `scan_cache_file`) with their size, modification and status-change times and
+    inode, so a resumed run, or the next run on the same folder, decodes only the files
+    added or changed since and the ones that failed before.
 
     Returns:
         (paths, labels, class_names, skipped) where skipped is a list of "path: reason".
@@ -165,28 +201,28 @@ def scan_folder(root):
     if len(class_names) < 2:
         raise DataError(f"Image folder {root} has {len(class_names)} class sub-folder(s); it needs "
                         "one sub-folder per class (at least 2), e.g. root/cat/*.jpg, root/dog/*.jpg.")
-    files = []
+    files, keys = [], []  # keys: paths relative to the folder (it may be moved or mounted)
     for label, name in enumerate(class_names):
         for dirpath, _, filenames in os.walk(root / name):
-            files += [(os.path.join(dirpath, f), label) for f in sorted(filenames)
-                      if not f.startswith(".")]
+            names = [f for f in sorted(filenames) if not f.startswith(".")]
+            relative = os.path.relpath(dirpath, root)
+            files += [(os.path.join(dirpath, f), label) for f in names]
+            keys += [os.path.join(relative, f) for f in names]
     cache_file = scan_cache_file(root)
     known = _read_scan_cache(cache_file)
-    keys = [os.path.relpath(path, root) for path, _ in files]
-    verdicts = {}  # key -> [size, mtime_ns, problem or None]
-    for (path, _), key in zip(files, keys):
-        stat = os.stat(path)
-        seen = known.get(key)
-        same = isinstance(seen, list) and seen[:2] == [stat.st_size, stat.st_mtime_ns]
-        verdicts[key] = [stat.st_size, stat.st_mtime_ns] + (seen[2:3] if same else [])
-    unknown = [(path, key) for (path, _), key in zip(files, keys) if len(verdicts[key]) == 2]
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
-        for (_, key), problem in zip(unknown, pool.map(_check_image_file,
-                                                       [path for path, _ in unknown])):
-            verdicts[key].append(problem)
-    if unknown or len(known) != len(verdicts):
-        _write_scan_cache(cache_file, root, verdicts)
-    problems = [verdicts[key][2] for key in keys]
+        identities = list(pool.map(_file_identity, [path for path, _ in files]))
+        unknown = [i for i, (key, identity) in enumerate(zip(keys, identities))
+                   if identity is None or known.get(key) != identity]
+        problems = [None] * len(files)
+        for i, problem in zip(unknown, pool.map(_check_image_file,
+                                                [files[i][0] for i in unknown])):
+            problems[i] = problem
+    # Only readable files are kept: a failure (maybe a passing I/O error) is checked again.
+    readable = {key: identity for key, identity, problem in zip(keys, identities, problems)
+                if problem is None and identity is not None}
+    if readable != known:
+        _write_scan_cache(cache_file, root, readable)
     good = [item for item, problem in zip(files, problems) if problem is None]
     skipped = [f"{item[0]}: {problem}" for item, problem in zip(files, problems) if problem]
     if not good:

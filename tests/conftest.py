@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -9,6 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 # Folder-scan verdicts (keras_vit.data.scan_cache_file) go to a fresh folder, not ~/.cache.
 os.environ["KERAS_VIT_CACHE"] = tempfile.mkdtemp(prefix="keras_vit_cache_")
+atexit.register(shutil.rmtree, os.environ["KERAS_VIT_CACHE"], ignore_errors=True)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

@@ -58,38 +58,74 @@ def test_scan_reports_each_unreadable_file_and_keeps_the_rest(image_folder):
     assert (np.bincount(labels) == [14, 14]).all()
 
 
-def test_a_later_scan_decodes_only_files_added_or_changed(image_folder, monkeypatch, tmp_path):
-    # The scan's verdicts are kept by size and modification time, so a resumed run (or the
-    # next run on the folder) does not decode every image again; changed files are rechecked.
-    from keras_vit import data
-
+@pytest.fixture()
+def counted_scan(image_folder, monkeypatch, tmp_path):
+    """A copy of the image folder (tests change files), a fresh scan cache, and the list of
+    files each scan decodes."""
     import shutil
 
+    from keras_vit import data
+
     source, good, bad = image_folder
-    root = tmp_path / "folder"  # a copy: this test changes files
+    root = tmp_path / "folder"
     shutil.copytree(source, root)
-    good = [root / p.relative_to(source) for p in good]
     monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / "cache"))
     decoded = []
     check = data._check_image_file
     monkeypatch.setattr(data, "_check_image_file", lambda path: decoded.append(path) or check(path))
+    return (root, [root / p.relative_to(source) for p in good],
+            [str(root / p.relative_to(source)) for p in bad], decoded)
 
+
+def test_a_later_scan_decodes_only_files_added_changed_or_failed(counted_scan):
+    # The readable files are kept with their size, times and inode, so a resumed run (or
+    # the next run on the folder) does not decode every image again.
+    from keras_vit import data
+
+    root, good, bad, decoded = counted_scan
     first = scan_folder(root)
-    assert len(decoded) == len(good) + len(bad)
-    assert data.scan_cache_file(root).exists()
+    assert len(decoded) == len(good) + len(bad) and data.scan_cache_file(root).exists()
     decoded.clear()
     again = scan_folder(root)
-    assert decoded == []
+    assert sorted(decoded) == sorted(bad)  # failures are checked again, the rest is known
     assert again[0] == first[0] and again[3] == first[3] and (again[1] == first[1]).all()
 
-    spoiled = good[0]
-    spoiled.write_bytes(spoiled.read_bytes()[:100])  # truncated after the first scan
+    truncated, rewritten = good[0], good[1]
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    stat = rewritten.stat()  # same size and modification time: only ctime/inode tell
+    rewritten.write_bytes(b"\0" * stat.st_size)
+    os.utime(rewritten, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     added = root / "dog" / "added.png"
     write_image(added, "RGB", "PNG")
+    decoded.clear()
     third = scan_folder(root)
-    assert sorted(decoded) == sorted([str(spoiled), str(added)])
-    assert str(spoiled) not in third[0] and str(added) in third[0]
-    assert any(line.startswith(f"{spoiled}: ") for line in third[3])
+    assert sorted(decoded) == sorted(bad + [str(truncated), str(rewritten), str(added)])
+    assert str(added) in third[0]
+    for spoiled in (truncated, rewritten):
+        assert str(spoiled) not in third[0]
+        assert any(line.startswith(f"{spoiled}: ") for line in third[3])
+
+
+def test_a_failed_read_is_not_remembered(counted_scan, monkeypatch):
+    # A file that failed once (say a passing I/O error) is decoded again next time.
+    from keras_vit import data
+
+    root, good, bad, decoded = counted_scan
+    check = data._check_image_file
+    flaky = str(good[0])
+    monkeypatch.setattr(data, "_check_image_file",
+                        lambda path: "Input/output error" if path == flaky else check(path))
+    assert any(line.startswith(flaky) for line in scan_folder(root)[3])
+    monkeypatch.setattr(data, "_check_image_file", check)
+    assert flaky in scan_folder(root)[0]
+
+
+def test_a_broken_link_is_reported_not_fatal(counted_scan):
+    root, good, bad, decoded = counted_scan
+    (root / "cat" / "gone.png").symlink_to(root / "cat" / "never_there.png")
+    paths, _, _, skipped = scan_folder(root)
+    assert len(paths) == len(good)
+    assert any(line.startswith(str(root / "cat" / "gone.png")) for line in skipped)
 
 
 def test_scan_works_without_a_usable_cache(image_folder, monkeypatch, tmp_path):
@@ -97,14 +133,17 @@ def test_scan_works_without_a_usable_cache(image_folder, monkeypatch, tmp_path):
 
     root, good, bad = image_folder
     monkeypatch.setenv("KERAS_VIT_CACHE", str(tmp_path / "cache"))
-    data.scan_cache_file(root).parent.mkdir(parents=True)
-    data.scan_cache_file(root).write_text("{ not json")  # e.g. a disk that filled mid-write
-    assert len(scan_folder(root)[0]) == len(good)
+    cache = data.scan_cache_file(root)
+    cache.parent.mkdir(parents=True)
+    for contents in ("{ not json", '{"files": []}', '{"files": null}', "[]"):
+        cache.write_text(contents)  # e.g. a disk that filled mid-write, or another version
+        assert len(scan_folder(root)[0]) == len(good)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("KERAS_VIT_CACHE", str(blocker))  # cannot hold a cache folder
     paths, _, _, skipped = scan_folder(root)
     assert len(paths) == len(good) and len(skipped) == len(bad)
+    assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob("**/*.partial"))
 
 
 def test_every_format_loads_as_rgb_at_the_model_size(image_folder):
