@@ -12,6 +12,33 @@ import tensorflow as tf
 from keras_vit.data import normalize
 
 
+class _Solarization(keras.layers.Solarization):
+    """Keras' Solarization with the threshold drawn from its whole `threshold_factor` range
+    (Keras draws from [factor[0], factor[1] * 255], the low end unscaled, so every range
+    solarizes from near 0)."""
+
+    def get_random_transformation(self, data, training=True, seed=None):
+        transformation = super().get_random_transformation(data, training, seed)
+        if transformation is not None:
+            low, high = self.threshold_factor
+            transformation["thresholds"] = self.backend.random.uniform(
+                self.backend.shape(transformation["thresholds"]), low * 255, high * 255,
+                seed=seed or self._get_seed_generator(self.backend._backend),
+                dtype=self.compute_dtype)
+        return transformation
+
+
+class _PerImageEqualization(keras.layers.Equalization):
+    """Keras' Equalization with each image equalized by its own histogram, as PIL's
+    ImageOps.equalize (Keras' takes one histogram over the whole batch)."""
+
+    def transform_images(self, images, transformation, training=True):
+        one_image = super().transform_images
+        if len(images.shape) == 3:
+            return one_image(images, transformation, training)
+        return tf.map_fn(lambda image: one_image(image, transformation, training), images)
+
+
 class PerImageRandAugment(keras.layers.RandAugment):
     """RandAugment (Cubuk et al., 2020) with each image's operations drawn for that image.
 
@@ -67,7 +94,8 @@ class PerImageRandAugment(keras.layers.RandAugment):
             (0.5 - 0.45 * m, 0.5 + 0.45 * m), **colour)
         self.random_posterization = keras.layers.RandomPosterization(
             (min(8, max(1, round(8 - 4 * m))), 8), **colour)
-        self.magnitude = m  # solarization: see _apply
+        self.solarization = _Solarization(threshold_factor=(1.0 - m, 1.0), **colour)
+        self.equalization = _PerImageEqualization(value_range=value_range, **kwargs)
 
     def get_random_transformation(self, data, training=True, seed=None):
         if not training:
@@ -100,20 +128,6 @@ class PerImageRandAugment(keras.layers.RandAugment):
 
     def _apply(self, name, images):
         layer = getattr(self, name)
-        if name == "solarization":
-            # Keras' Solarization draws its threshold from [factor[0], factor[1] * 255] (the
-            # low end unscaled), so any range solarizes from near 0; invert the pixels above
-            # a threshold drawn from the top `magnitude` of the range, as the paper.
-            low, high = self.value_range
-            top = keras.random.uniform((tf.shape(images)[0], 1, 1, 1), 1.0 - self.magnitude,
-                                       1.0, seed=self._get_seed_generator(self.backend._backend))
-            threshold = tf.cast(low + top * (high - low), images.dtype)
-            return tf.where(images < threshold, images, (low + high) - images)
-        if name == "equalization":
-            # Keras' Equalization takes one histogram over the whole batch; equalize each
-            # image by its own, as PIL's ImageOps.equalize (RandAugment's) does.
-            return tf.map_fn(lambda image: tf.cast(layer.transform_images(image[None], None)[0],
-                                                   self.compute_dtype), images)
         change = layer.get_random_transformation(
             images, training=True, seed=self._get_seed_generator(self.backend._backend))
         return tf.cast(layer.transform_images(images, change), self.compute_dtype)
@@ -154,8 +168,8 @@ class AugmentConfig:
         translate: fraction of the image size for random shifts (pad-and-crop style).
         rotate: largest random rotation, as a fraction of a full turn (0.05 = 18 degrees).
         zoom: largest random zoom in or out, as a fraction of the size.
-        randaugment: RandAugment strength in [0, 1] (Keras `factor`); 0 turns it off. Two
-            operations per image, drawn for each image (`PerImageRandAugment`).
+        randaugment: RandAugment magnitude in [0, 1], the paper's M / 10; 0 turns it off.
+            Two operations per image, drawn for each image (`PerImageRandAugment`).
         mixup: MixUp alpha; 0 turns it off.
         cutmix: CutMix factor; 0 turns it off (`AreaCutMix`: labels weighed by the pixels
             pasted). With both, each batch gets one of the two.
