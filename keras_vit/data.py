@@ -15,6 +15,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import tensorflow as tf
@@ -28,14 +29,32 @@ class DataError(ValueError):
 
 @dataclasses.dataclass
 class Data:
-    """Unbatched splits of (uint8 [H, W, 3] image, int32 label) at the model's image size."""
+    """Splits of (uint8 [H, W, 3] image, int32 label) at the model's `image_size`.
 
-    train: tf.data.Dataset
-    validation: tf.data.Dataset
-    test: tf.data.Dataset
+    Every split is kept before decoding (`undecoded`: file paths, encoded bytes or small
+    arrays; `decode` makes one element (image at its own size, label)), so training can
+    shuffle and skip examples without decoding them and crop from full-size images.
+    """
+
+    undecoded: dict  # split name -> tf.data.Dataset
+    decode: Callable
+    image_size: tuple
     class_names: list
     sizes: dict  # split name -> number of examples
     skipped: list = dataclasses.field(default_factory=list)  # unreadable files, reported
+    # The undecoded elements are small (paths, arrays): a split is shuffled whole, not
+    # 10,000 at a time (TFDS: encoded images).
+    small_elements: bool = True
+
+    def split(self, name):
+        def decode_and_resize(*example):
+            image, label = self.decode(*example)
+            return resize_image(image, self.image_size), label
+        return self.undecoded[name].map(decode_and_resize, num_parallel_calls=AUTOTUNE)
+
+    train = property(lambda self: self.split("train"))
+    validation = property(lambda self: self.split("validation"))
+    test = property(lambda self: self.split("test"))
 
 
 def decode_image(contents):
@@ -82,11 +101,6 @@ def _split_indices(labels, fractions, seed):
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def _from_arrays(images, labels, image_size):
-    ds = tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
-    return ds.map(lambda x, y: (resize_image(x, image_size), y), num_parallel_calls=AUTOTUNE)
-
-
 def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0):
     """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), shipped inside the
     scikit-learn package: real data that needs no download."""
@@ -98,8 +112,10 @@ def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0):
     labels = digits.target
     train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
     splits = {"train": train, "validation": validation, "test": test}
-    datasets = {k: _from_arrays(images[v], labels[v], image_size) for k, v in splits.items()}
-    return Data(**datasets, class_names=[str(d) for d in range(10)],
+    arrays = {k: tf.data.Dataset.from_tensor_slices((images[v], labels[v].astype(np.int32)))
+              for k, v in splits.items()}
+    return Data(arrays, decode=lambda image, label: (image, label), image_size=image_size,
+                class_names=[str(d) for d in range(10)],
                 sizes={k: len(v) for k, v in splits.items()})
 
 
@@ -232,12 +248,10 @@ def scan_folder(root):
     return list(paths), np.asarray(labels), class_names, skipped
 
 
-def _load_files(paths, labels, image_size):
+def _file_list(paths, labels):
     # A string tensor even for an empty split (--validation-split 0): [] alone is float32.
-    ds = tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string),
-                                             labels.astype(np.int32)))
-    return ds.map(lambda p, y: (resize_image(decode_image(tf.io.read_file(p)), image_size), y),
-                  num_parallel_calls=AUTOTUNE)
+    return tf.data.Dataset.from_tensor_slices((tf.constant(list(paths), tf.string),
+                                               labels.astype(np.int32)))
 
 
 # Folder names (any case) that make an image folder's splits.
@@ -307,8 +321,9 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
     for name, (split_paths, split_labels) in splits.items():
         order = rng.permutation(len(split_paths))
         splits[name] = ([split_paths[i] for i in order], np.asarray(split_labels)[order])
-    datasets = {name: _load_files(p, y, image_size) for name, (p, y) in splits.items()}
-    return Data(**datasets, class_names=class_names,
+    return Data({name: _file_list(p, y) for name, (p, y) in splits.items()},
+                decode=lambda path, label: (decode_image(tf.io.read_file(path)), label),
+                image_size=image_size, class_names=class_names,
                 sizes={name: len(p) for name, (p, _) in splits.items()}, skipped=skipped)
 
 
@@ -350,20 +365,26 @@ def load_tfds(name, image_size, data_dir=None, validation_split=0.1, test_split=
         else:
             split_names[split] = split
 
-    def prepare(example):
-        return resize_image(to_rgb(example[image_key]), image_size), \
-            tf.cast(example[label_key], tf.int32)
+    image_feature = info.features[image_key]
+
+    def undecoded(example):
+        return example[image_key], tf.cast(example[label_key], tf.int32)
+
+    def decode(encoded, label):
+        return to_rgb(image_feature.decode_example(encoded)), label
 
     datasets, sizes = {}, {}
     for split, spec in split_names.items():
         empty = drawn.get(split) == 0  # e.g. --validation-split 0: TFDS refuses empty slices
-        datasets[split] = builder.as_dataset(split="train" if empty else spec,
-                                             shuffle_files=False).map(
-            prepare, num_parallel_calls=AUTOTUNE)
+        datasets[split] = builder.as_dataset(
+            split="train" if empty else spec, shuffle_files=False,
+            decoders={image_key: tfds.decode.SkipDecoding()}).map(undecoded)
         if empty:
             datasets[split] = datasets[split].take(0)
         sizes[split] = 0 if empty else int(splits[spec].num_examples)
-    return Data(**datasets, class_names=list(info.features[label_key].names), sizes=sizes)
+    return Data(datasets, decode=decode, image_size=image_size,
+                class_names=list(info.features[label_key].names), sizes=sizes,
+                small_elements=False)
 
 
 def _not_prepared(name, folder, where):
@@ -394,19 +415,60 @@ def estimated_cache_bytes(data, image_size):
     return sum(data.sizes.values()) * int(np.prod(image_size)) * 3
 
 
-def training_batches(ds, batch_size, *, seed, cache=True, skip_batches=0):
+def random_resized_crop(image, min_area, seed):
+    """A random box of `min_area`..1 of the image's area with aspect ratio 3/4..4/3 (the
+    reference's inception crop: tf.image.sample_distorted_bounding_box; the whole image when
+    10 tries find none). `seed`: 2 integers, the same box for the same seed."""
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), tf.zeros([1, 0, 4]), seed=seed, min_object_covered=0.0,
+        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(min_area, 1.0), max_attempts=10,
+        use_image_if_no_bounding_boxes=True)
+    crop = tf.slice(image, begin, size)
+    crop.set_shape([None, None, image.shape[-1]])  # tf.slice forgets the channels
+    return crop
+
+
+def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_batches=0):
     """Shuffled, repeated (endless) training batches of uint8 images and int labels.
 
-    The order is fixed by `seed` for the whole run, so a resumed run can skip the
-    batches it has already trained on and continue with the same stream.
+    Epoch k presents the train split in an order drawn from (`seed`, k) and batches run
+    across epoch ends, so the stream from batch `skip_batches` on is built directly: it
+    starts at that batch's epoch and skips within it before decoding (unless the decoded
+    images are cached), and a resumed run continues the same stream at no cost.
+    `crop_area` < 1: each image is a `random_resized_crop` of at least that share of its
+    area, drawn from (`seed`, epoch, position), taken from the full-size decoded image (the
+    cached, resized one when cached) and resized to the model's size.
     """
+    examples, decode = data.undecoded["train"], data.decode
+    num_examples = int(examples.cardinality())
+    if num_examples <= 0:
+        raise ValueError(f"The training examples need a known, non-zero size (cardinality "
+                         f"{num_examples}); give it with tf.data.experimental.assert_cardinality.")
     if cache:
-        ds = ds.cache()
-    ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.batch(batch_size, drop_remainder=True)
-    if skip_batches:
-        ds = ds.skip(skip_batches)
-    return ds
+        examples, decode = data.train.cache(), None
+    # Decoded or encoded images are shuffled 10,000 at a time, file names and arrays all at once.
+    buffer = num_examples if data.small_elements and not cache else min(num_examples, 10_000)
+    first_epoch, offset = divmod(skip_batches * batch_size, num_examples)
+
+    def epoch(k):
+        if not tf.executing_eagerly():  # traced: clear this function's graph-level seed, so
+            # the order depends on (seed, k) alone (a global seed of 0 would also make
+            # TensorFlow compare the tensor seed as a Python bool)
+            tf.random.set_seed(None)
+        shuffled = examples.shuffle(buffer, seed=seed * 1_000_003 + k,
+                                    reshuffle_each_iteration=False)
+        return shuffled.enumerate().map(lambda i, example: (example, (seed * 1_000_003 + k, i)))
+
+    def prepare(example, crop_seed):
+        image, label = decode(*example) if decode else example
+        if crop_area < 1:
+            image = random_resized_crop(image, crop_area, tf.stack(crop_seed))
+        if crop_area < 1 or decode:
+            image = resize_image(image, data.image_size)
+        return image, label
+
+    ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
+    return ds.map(prepare, num_parallel_calls=AUTOTUNE).batch(batch_size, drop_remainder=True)
 
 
 def evaluation_batches(ds, batch_size, cache=True):

@@ -28,12 +28,12 @@ from keras_vit.cli import positive_int
 # Everything else gets the paper's 224x224 set-up.
 DATA_DEFAULTS = {
     "digits": dict(variant="R+Ti/16", image_size="16", patch_size=1, depth=6, epochs=50,
-                   batch_size=64, learning_rate=1e-3, warmup_epochs=3, flip=False,
+                   batch_size=64, learning_rate=1e-3, warmup_epochs=3, crop_area=1.0, flip=False,
                    translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.0, mixup=0.0, cutmix=0.0,
                    label_smoothing=0.1, drop_path=0.1, weight_decay=0.05),
     "other": dict(variant="S/16", image_size="224", patch_size=None, depth=None, epochs=30,
-                  batch_size=128, learning_rate=1e-3, warmup_epochs=5, flip=True,
-                  translate=0.1, rotate=0.0, zoom=0.0, randaugment=0.5, mixup=0.2, cutmix=1.0,
+                  batch_size=128, learning_rate=1e-3, warmup_epochs=5, crop_area=0.05, flip=True,
+                  translate=0.0, rotate=0.0, zoom=0.0, randaugment=0.5, mixup=0.2, cutmix=1.0,
                   label_smoothing=0.1, drop_path=0.1, weight_decay=0.1),
 }
 PRESETS = {  # the paper: Adam(W) for pre-training, SGD with momentum for fine-tuning
@@ -81,6 +81,10 @@ def add_arguments(parser):
     recipe.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
     recipe.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping")
     recipe.add_argument("--label-smoothing", type=float)
+    recipe.add_argument("--crop-area", type=float,
+                        help="random resized (inception) crop: each training image is a random "
+                             "box of CROP_AREA..1 of its area, aspect 3/4..4/3, resized "
+                             "(the reference's 0.05; 1 off)")
     recipe.add_argument("--flip", action=argparse.BooleanOptionalAction)
     recipe.add_argument("--translate", type=float, help="random shift, fraction of the size")
     recipe.add_argument("--rotate", type=float,
@@ -147,6 +151,9 @@ def resolve_config(args):
         if value is not None or key not in config:
             config[key] = value
     config["image_size"] = parse_image_size(config["image_size"])
+    if not 0 < config["crop_area"] <= 1:
+        raise ValueError(f"--crop-area {config['crop_area']} is not an area fraction: give "
+                         "0 < it <= 1 (the reference crops to 0.05..1 of the image; 1: no crop).")
     check_split_fractions(config["validation_split"], config["test_split"])
     return config
 
@@ -467,8 +474,9 @@ def train(config):
         mixup=config["mixup"], cutmix=config["cutmix"])
 
     def train_batches(skip):
-        return (data_lib.training_batches(data.train, config["batch_size"], seed=config["seed"],
-                                          cache=cache, skip_batches=skip)
+        return (data_lib.training_batches(data, config["batch_size"], seed=config["seed"],
+                                          cache=cache, crop_area=config["crop_area"],
+                                          skip_batches=skip)
                 .map(augment.make_augmenter(augment_config, num_classes, config["seed"]),
                      num_parallel_calls=tf.data.AUTOTUNE)
                 .prefetch(tf.data.AUTOTUNE).with_options(options))

@@ -259,3 +259,26 @@ def test_training_on_a_folder_with_bad_files_survives_the_epoch(image_folder, tm
     assert "Skipped 4 unreadable file(s)" in result.stdout
     assert "truncated.jpg" in result.stdout and "notes.txt" in result.stdout
     assert result.stdout.strip().splitlines()[-1].startswith("test accuracy: ")
+
+
+def test_random_resized_crop_takes_boxes_of_the_asked_area_and_aspect():
+    import tensorflow as tf
+
+    from keras_vit.data import random_resized_crop
+
+    # Pixel (y, x) holds y and x, so a crop tells where it came from.
+    height, width = 120, 200
+    y, x = np.meshgrid(np.arange(height), np.arange(width), indexing="ij")
+    image = np.stack([y, x, np.zeros_like(y)], axis=-1).astype(np.uint8)
+    areas = []
+    for i in range(200):
+        crop = random_resized_crop(image, 0.05, tf.constant([7, i])).numpy()
+        h, w, _ = crop.shape
+        top, left = crop[0, 0, :2]
+        np.testing.assert_array_equal(crop, image[top:top + h, left:left + w])
+        areas.append(h * w / (height * width))
+        if h * w < height * width:  # the whole image is the fallback; boxes keep the aspect
+            assert 0.74 <= w / h <= 1.34, (h, w)
+    assert 0.05 <= min(areas) < 0.1 and max(areas) > 0.7
+    np.testing.assert_array_equal(random_resized_crop(image, 0.05, tf.constant([7, 3])),
+                                  random_resized_crop(image, 0.05, tf.constant([7, 3])))

@@ -166,6 +166,7 @@ def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
     (["--data", "folder:/no/such/folder"], "does not exist"),
     (["--test-split", "0"], "--test-split 0.0 is not a fraction"),
     (["--validation-split", "0.5", "--test-split", "0.5"], "leave no training images"),
+    (["--crop-area", "0"], "--crop-area 0.0 is not an area fraction.*1: no crop"),
     (["--cpu-devices", "2"], "cpu_devices=2 applies to the 'mirrored' strategy only"),
 ])
 def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message):
@@ -409,27 +410,71 @@ def test_fine_tunes_a_checkpoint_at_a_new_resolution_with_the_sgd_preset(tmp_pat
     assert model.output_shape == (None, 10)
 
 
-def test_a_resumed_run_trains_on_the_batches_it_would_have_seen():
-    # Killed at step 7 of 4 epochs of 5 steps: the resumed fit calls must see exactly the
-    # uninterrupted run's batches 7, 8, ... (reusing one dataset for both calls reshuffled).
+@pytest.mark.parametrize("cache, crop_area", [(False, 1.0), (True, 1.0), (False, 0.3),
+                                              (True, 0.3)])
+def test_a_resumed_run_trains_on_the_batches_it_would_have_seen(cache, crop_area):
+    # Killed at step 12 of 4 epochs of 5 steps: the resumed fit calls must see exactly the
+    # uninterrupted run's batches 12, 13, ..., random crops included, without decoding the
+    # examples they skip (before, that was the whole run's decoding again).
     import tensorflow as tf
 
-    from keras_vit.data import training_batches
+    from keras_vit.data import Data, training_batches
     from keras_vit.train import fit_segments
 
-    examples = tf.data.Dataset.range(40)
+    # Example n: a 6x6 image of value n with a brighter top-left quarter (crops differ).
+    images = np.repeat(np.arange(40, dtype=np.uint8)[:, None, None, None], 6, axis=1)
+    images = np.repeat(np.repeat(images, 6, axis=2), 3, axis=3)
+    images[:, :3, :3] += 100
+    decoded = []
+
+    def decode(image, label):
+        def record(value):
+            decoded.append(int(value))
+            return value
+        return image, tf.py_function(record, [label], tf.int32)
+
+    undecoded = tf.data.Dataset.from_tensor_slices((images, np.arange(40, dtype=np.int32)))
+    data = Data({"train": undecoded}, decode=decode, image_size=(4, 4), class_names=[],
+                sizes={"train": 40})
 
     def batches(skip, count):
-        stream = training_batches(examples, 8, seed=3, cache=False, skip_batches=skip)
-        return [b.tolist() for b in stream.take(count).as_numpy_iterator()]
+        decoded.clear()
+        stream = training_batches(data, 8, seed=3, cache=cache, crop_area=crop_area,
+                                  skip_batches=skip)
+        return list(stream.take(count).as_numpy_iterator()), len(decoded)
 
-    uninterrupted = batches(0, 20)
-    segments = fit_segments(7, 5, 4)
-    assert [s[:3] for s in segments] == [(1, 2, 3), (2, 4, 5)]
-    resumed = []
+    uninterrupted, _ = batches(0, 20)
+    labels = [batch_labels.tolist() for _, batch_labels in uninterrupted]
+    for epoch in range(4):  # each epoch shows every example once
+        assert sorted(sum(labels[5 * epoch:5 * epoch + 5], [])) == list(range(40))
+    assert labels[:5] != labels[5:10]
+    segments = fit_segments(12, 5, 4)
+    assert [s[:3] for s in segments] == [(2, 3, 3), (3, 4, 5)]
+    resumed, decodes = [], 0
     for first_epoch, end_epoch, steps, skip in segments:
-        resumed += batches(skip, steps + (end_epoch - first_epoch - 1) * 5)
-    assert resumed == uninterrupted[7:]
+        stream, count = batches(skip, steps + (end_epoch - first_epoch - 1) * 5)
+        resumed, decodes = resumed + stream, decodes + count
+    assert len(resumed) == 8
+    for (images_a, labels_a), (images_b, labels_b) in zip(resumed, uninterrupted[12:]):
+        np.testing.assert_array_equal(labels_a, labels_b)
+        np.testing.assert_array_equal(images_a, images_b)
+    # Uncached, the resumed run decodes what it trains on (8 batches) and a little read-ahead;
+    # cached, it fills the cache once per pipeline (each decoded image is needed for it).
+    assert decodes <= (8 * 8 + 16 if not cache else 2 * 40)
+    from keras_vit.data import resize_image
+
+    def by_label(epoch):
+        return {int(label): image for images_, labels_ in uninterrupted[5 * epoch:5 * epoch + 5]
+                for image, label in zip(images_, labels_)}
+    first, second = by_label(0), by_label(1)
+    plain = resize_image(images, (4, 4)).numpy()
+    if crop_area < 1:  # random crops: images differ from the plain resize and across epochs
+        assert sum(not np.array_equal(first[n], plain[n]) for n in range(40)) > 20
+        assert sum(not np.array_equal(first[n], second[n]) for n in range(40)) > 20
+    else:
+        for n in range(40):
+            np.testing.assert_array_equal(first[n], plain[n])
+            np.testing.assert_array_equal(second[n], plain[n])
     assert fit_segments(10, 5, 4) == [(2, 4, 5, 10)] and fit_segments(20, 5, 4) == []
 
 
