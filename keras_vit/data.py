@@ -450,6 +450,8 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
     buffer = num_examples if data.small_elements and not cache else min(num_examples, 10_000)
     first_epoch, offset = divmod(skip_batches * batch_size, num_examples)
 
+    crop = crop_area < 1
+
     def epoch(k):
         if not tf.executing_eagerly():  # traced: clear this function's graph-level seed, so
             # the order depends on (seed, k) alone (a global seed of 0 would also make
@@ -457,18 +459,24 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
             tf.random.set_seed(None)
         shuffled = examples.shuffle(buffer, seed=seed * 1_000_003 + k,
                                     reshuffle_each_iteration=False)
+        if not crop:
+            return shuffled
         return shuffled.enumerate().map(lambda i, example: (example, (seed * 1_000_003 + k, i)))
 
-    def prepare(example, crop_seed):
+    def decode_and_resize(*example):
+        image, label = decode(*example)
+        return resize_image(image, data.image_size), label
+
+    def decode_crop_and_resize(example, crop_seed):
         image, label = decode(*example) if decode else example
-        if crop_area < 1:
-            image = random_resized_crop(image, crop_area, tf.stack(crop_seed))
-        if crop_area < 1 or decode:
-            image = resize_image(image, data.image_size)
-        return image, label
+        image = random_resized_crop(image, crop_area, tf.stack(crop_seed))
+        return resize_image(image, data.image_size), label
 
     ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
-    return ds.map(prepare, num_parallel_calls=AUTOTUNE).batch(batch_size, drop_remainder=True)
+    if crop or decode:  # (cached images without crops are ready: no per-image call)
+        ds = ds.map(decode_crop_and_resize if crop else decode_and_resize,
+                    num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True)
 
 
 def evaluation_batches(ds, batch_size, cache=True):
