@@ -46,11 +46,12 @@ class Data:
     # 10,000 at a time (TFDS: encoded images).
     small_elements: bool = True
 
+    def decode_and_resize(self, *example):
+        image, label = self.decode(*example)
+        return resize_image(image, self.image_size), label
+
     def split(self, name):
-        def decode_and_resize(*example):
-            image, label = self.decode(*example)
-            return resize_image(image, self.image_size), label
-        return self.undecoded[name].map(decode_and_resize, num_parallel_calls=AUTOTUNE)
+        return self.undecoded[name].map(self.decode_and_resize, num_parallel_calls=AUTOTUNE)
 
     train = property(lambda self: self.split("train"))
     validation = property(lambda self: self.split("validation"))
@@ -449,7 +450,6 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
     # Decoded or encoded images are shuffled 10,000 at a time, file names and arrays all at once.
     buffer = num_examples if data.small_elements and not cache else min(num_examples, 10_000)
     first_epoch, offset = divmod(skip_batches * batch_size, num_examples)
-
     crop = crop_area < 1
 
     def epoch(k):
@@ -463,10 +463,6 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
             return shuffled
         return shuffled.enumerate().map(lambda i, example: (example, (seed * 1_000_003 + k, i)))
 
-    def decode_and_resize(*example):
-        image, label = decode(*example)
-        return resize_image(image, data.image_size), label
-
     def decode_crop_and_resize(example, crop_seed):
         image, label = decode(*example) if decode else example
         image = random_resized_crop(image, crop_area, tf.stack(crop_seed))
@@ -474,7 +470,7 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
 
     ds = tf.data.Dataset.counter(first_epoch).flat_map(epoch).skip(offset)
     if crop or decode:  # (cached images without crops are ready: no per-image call)
-        ds = ds.map(decode_crop_and_resize if crop else decode_and_resize,
+        ds = ds.map(decode_crop_and_resize if crop else data.decode_and_resize,
                     num_parallel_calls=AUTOTUNE)
     return ds.batch(batch_size, drop_remainder=True)
 
