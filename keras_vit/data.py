@@ -457,11 +457,11 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
             # the order depends on (seed, k) alone (a global seed of 0 would also make
             # TensorFlow compare the tensor seed as a Python bool)
             tf.random.set_seed(None)
-        shuffled = examples.shuffle(buffer, seed=seed * 1_000_003 + k,
-                                    reshuffle_each_iteration=False)
+        epoch_seed = seed * 1_000_003 + k
+        shuffled = examples.shuffle(buffer, seed=epoch_seed, reshuffle_each_iteration=False)
         if not crop:
             return shuffled
-        return shuffled.enumerate().map(lambda i, example: (example, (seed * 1_000_003 + k, i)))
+        return shuffled.enumerate().map(lambda i, example: (example, (epoch_seed, i)))
 
     def decode_crop_and_resize(example, crop_seed):
         image, label = decode(*example) if decode else example
