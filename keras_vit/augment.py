@@ -1,7 +1,10 @@
 """Batch augmentation in tf.data with Keras core layers (TensorFlow only).
 
 Augmentation runs in the input pipeline, never inside the model, so the model
-that is saved and exported contains no random layers.
+that is saved and exported contains no random layers. Every random draw of a batch comes
+from that batch's own seed (`BatchSeeds`), not from the layers' seed state, which the
+parallel calls of a `tf.data` map would take in whatever order threads run: so a run is
+reproducible, and a resumed run augments each batch as the uninterrupted run did.
 """
 
 import dataclasses
@@ -10,6 +13,49 @@ import keras
 import tensorflow as tf
 
 from keras_vit.data import normalize
+
+
+class BatchSeeds(keras.random.SeedGenerator):
+    """Seeds for Keras' random ops derived from one seed tensor, without state.
+
+    Given as `seed=` to a layer's `get_random_transformation` (or to `keras.random`), each
+    draw gets the next seed of a sequence folded from `seed`: the draws depend on `seed` and
+    on the order of the draws in the traced function alone. A `keras.random.SeedGenerator`
+    keeps its seed in a variable, which parallel calls of a `tf.data` map advance in
+    whatever order their threads run. Create one inside the traced function, per call.
+
+    Args:
+        seed: an integer tensor of shape (2,), e.g. a batch's (run seed, batch number).
+    """
+
+    def __init__(self, seed):  # no SeedGenerator.__init__: it creates the state variable
+        self.seed = tf.convert_to_tensor(seed)
+        self.draws = 0
+
+    def next(self, ordered=True):
+        self.draws += 1
+        # Both halves random (fold_in's own result is (hash, draw number), and Keras keeps
+        # the hash mod 2^31: batches would share all their draws once in ~2^31 pairs).
+        return tf.random.stateless_uniform(
+            [2], seed=tf.random.experimental.stateless_fold_in(
+                self.seed, tf.constant(self.draws, self.seed.dtype)),
+            minval=None, maxval=None, dtype=tf.int32)
+
+
+def apply_seeded(layer, data, seed):
+    """`layer(data, training=True)` for a Keras image augmentation layer and a batch of
+    images (or a dict of images and labels), its random draws taken from `seed` (a
+    `BatchSeeds`), computed with TensorFlow ops whatever the Keras backend (as Keras' layers
+    do in `tf.data`)."""
+    layer.backend.set_backend("tensorflow")
+    try:
+        change = layer.get_random_transformation(data, training=True, seed=seed)
+        if not isinstance(data, dict):
+            return layer.transform_images(data, change, training=True)
+        return {"images": layer.transform_images(data["images"], change, training=True),
+                "labels": layer.transform_labels(data["labels"], change, training=True)}
+    finally:
+        layer.backend.reset()
 
 
 class _Solarization(keras.layers.Solarization):
@@ -102,9 +148,10 @@ class PerImageRandAugment(keras.layers.RandAugment):
             return None
         images = data["images"] if isinstance(data, dict) else data
         batch = tf.shape(images)[0] if len(images.shape) == 4 else 1
+        # The operations draw their strengths from the same seed (in transform_images).
+        seed = seed or self._get_seed_generator(self.backend._backend)
         return {"layer_idxes": self.backend.random.randint(
-            (self.num_ops, batch), 0, len(self._AUGMENT_LAYERS),
-            seed=self._get_seed_generator(self.backend._backend))}
+            (self.num_ops, batch), 0, len(self._AUGMENT_LAYERS), seed=seed), "seed": seed}
 
     def transform_images(self, images, transformation, training=True):
         images = tf.cast(images, self.compute_dtype)
@@ -113,6 +160,7 @@ class PerImageRandAugment(keras.layers.RandAugment):
         unbatched = len(images.shape) == 3
         if unbatched:
             images = images[None]
+        seed = transformation.get("seed") or self._get_seed_generator(self.backend._backend)
         positions = tf.range(tf.shape(images)[0])
         count = len(self._AUGMENT_LAYERS)
         for choice in tf.unstack(transformation["layer_idxes"], self.num_ops):
@@ -122,15 +170,13 @@ class PerImageRandAugment(keras.layers.RandAugment):
             for name, part in zip(self._AUGMENT_LAYERS, parts):
                 # Some operations fail on no images (the min of an empty batch).
                 done.append(tf.cond(tf.shape(part)[0] > 0,
-                                    lambda n=name, p=part: self._apply(n, p), lambda p=part: p))
+                                    lambda n=name, p=part: self._apply(n, p, seed),
+                                    lambda p=part: p))
             images = tf.ensure_shape(tf.dynamic_stitch(where, done), images.shape)
         return images[0] if unbatched else images
 
-    def _apply(self, name, images):
-        layer = getattr(self, name)
-        change = layer.get_random_transformation(
-            images, training=True, seed=self._get_seed_generator(self.backend._backend))
-        return tf.cast(layer.transform_images(images, change), self.compute_dtype)
+    def _apply(self, name, images, seed):
+        return tf.cast(apply_seeded(getattr(self, name), images, seed), self.compute_dtype)
 
     def transform_bounding_boxes(self, bounding_boxes, transformation, training=True):
         raise NotImplementedError("PerImageRandAugment transforms images only.")
@@ -184,8 +230,11 @@ class AugmentConfig:
     cutmix: float = 0.0
 
 
-def make_augmenter(config, num_classes, seed=0):
-    """Returns fn(uint8 images, int labels) -> (float32 images in [-1, 1], one-hot labels).
+def make_augmenter(config, num_classes):
+    """Returns fn(uint8 images, int labels, seed) -> (float32 images in [-1, 1], one-hot
+    labels), every random draw taken from `seed`, an integer tensor of shape (2,) (the
+    batch's own: `keras_vit.data.training_batches` gives (run seed, batch number)); the
+    same images and seed give the same output.
 
     The layers compute in float32 whatever the global precision policy: pixel arithmetic
     in bfloat16 or float16 is coarse, and Keras' MixUp and CutMix fail under those policies.
@@ -193,38 +242,39 @@ def make_augmenter(config, num_classes, seed=0):
     f32 = dict(dtype="float32")
     pixel_layers = []
     if config.flip:
-        pixel_layers.append(keras.layers.RandomFlip("horizontal", seed=seed, **f32))
+        pixel_layers.append(keras.layers.RandomFlip("horizontal", **f32))
     if config.translate:
         pixel_layers.append(keras.layers.RandomTranslation(
-            config.translate, config.translate, fill_mode="constant", seed=seed + 1, **f32))
+            config.translate, config.translate, fill_mode="constant", **f32))
     if config.rotate:
-        pixel_layers.append(keras.layers.RandomRotation(
-            config.rotate, fill_mode="constant", seed=seed + 5, **f32))
+        pixel_layers.append(keras.layers.RandomRotation(config.rotate, fill_mode="constant",
+                                                        **f32))
     if config.zoom:
-        pixel_layers.append(keras.layers.RandomZoom(
-            config.zoom, config.zoom, fill_mode="constant", seed=seed + 6, **f32))
+        pixel_layers.append(keras.layers.RandomZoom(config.zoom, config.zoom,
+                                                    fill_mode="constant", **f32))
     if config.randaugment:
         pixel_layers.append(PerImageRandAugment(value_range=(0, 255), factor=config.randaugment,
-                                                seed=seed + 2, **f32))
+                                                **f32))
     mixers = []
     if config.mixup:
-        mixers.append(keras.layers.MixUp(alpha=config.mixup, seed=seed + 3, **f32))
+        mixers.append(keras.layers.MixUp(alpha=config.mixup, **f32))
     if config.cutmix:
-        mixers.append(AreaCutMix(factor=config.cutmix, seed=seed + 4, **f32))
+        mixers.append(AreaCutMix(factor=config.cutmix, **f32))
 
-    def augment(images, labels):
+    def augment(images, labels, seed):
+        seeds = BatchSeeds(seed)
         images = tf.cast(images, tf.float32)
         for layer in pixel_layers:
-            images = layer(images, training=True)
+            images = apply_seeded(layer, images, seeds)
         labels = tf.one_hot(labels, num_classes)
         if mixers:
             batch = {"images": images, "labels": labels}
             if len(mixers) == 1:
-                batch = mixers[0](batch, training=True)
+                batch = apply_seeded(mixers[0], batch, seeds)
             else:
-                use_mixup = tf.random.uniform([]) < 0.5
-                batch = tf.cond(use_mixup, lambda: mixers[0](batch, training=True),
-                                lambda: mixers[1](batch, training=True))
+                use_mixup = tf.random.stateless_uniform((), seed=seeds.next()) < 0.5
+                batch = tf.cond(use_mixup, lambda: apply_seeded(mixers[0], batch, seeds),
+                                lambda: apply_seeded(mixers[1], batch, seeds))
             images, labels = batch["images"], batch["labels"]
         images = tf.clip_by_value(images, 0.0, 255.0)
         return normalize(images), labels

@@ -429,8 +429,10 @@ def random_resized_crop(image, min_area, seed):
     return crop
 
 
-def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_batches=0):
-    """Shuffled, repeated (endless) training batches of uint8 images and int labels.
+def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_batches=0,
+                     augment=None):
+    """Shuffled, repeated (endless) training batches of uint8 images and int labels, or what
+    `augment(images, labels, batch_seed)` makes of them.
 
     Epoch k presents the train split in an order drawn from (`seed`, k) and batches run
     across epoch ends, so the stream from batch `skip_batches` on is built directly: it
@@ -438,7 +440,9 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
     images are cached), and a resumed run continues the same stream at no cost.
     `crop_area` < 1: each image is a `random_resized_crop` of at least that share of its
     area, drawn from (`seed`, epoch, position), taken from the full-size decoded image (the
-    cached, resized one when cached) and resized to the model's size.
+    cached, resized one when cached) and resized to the model's size. `augment` gets each
+    batch's own seed, (`seed`, batch number), so its draws are the same in every run and in
+    a resumed one (see `keras_vit.augment.make_augmenter`).
     """
     examples, decode = data.undecoded["train"], data.decode
     num_examples = int(examples.cardinality())
@@ -472,7 +476,12 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
     if crop or decode:  # (cached images without crops are ready: no per-image call)
         ds = ds.map(decode_crop_and_resize if crop else data.decode_and_resize,
                     num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=True)
+    ds = ds.batch(batch_size, drop_remainder=True)
+    if augment is None:
+        return ds
+    return ds.enumerate(skip_batches).map(
+        lambda number, batch: augment(*batch, tf.stack([tf.constant(seed, tf.int64), number])),
+        num_parallel_calls=AUTOTUNE)
 
 
 def evaluation_batches(ds, batch_size, cache=True):

@@ -474,11 +474,10 @@ def train(config):
         mixup=config["mixup"], cutmix=config["cutmix"])
 
     def train_batches(skip):
-        return (data_lib.training_batches(data, config["batch_size"], seed=config["seed"],
-                                          cache=cache, crop_area=config["crop_area"],
-                                          skip_batches=skip)
-                .map(augment.make_augmenter(augment_config, num_classes, config["seed"]),
-                     num_parallel_calls=tf.data.AUTOTUNE)
+        return (data_lib.training_batches(
+                    data, config["batch_size"], seed=config["seed"], cache=cache,
+                    crop_area=config["crop_area"], skip_batches=skip,
+                    augment=augment.make_augmenter(augment_config, num_classes))
                 .prefetch(tf.data.AUTOTUNE).with_options(options))
     prepare = augment.prepare_evaluation(num_classes)
     val_ds = None  # --validation-split 0: every labelled example trains

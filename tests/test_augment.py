@@ -113,7 +113,7 @@ def test_augmenter_runs_in_float32_under_mixed_precision(policy):
         augment = make_augmenter(AugmentConfig(flip=True, translate=0.1, randaugment=0.5,
                                                cutmix=1.0), num_classes=4)
         images = _images(8, size=32)
-        x, y = tf.function(augment)(images, tf.range(8) % 4)
+        x, y = tf.function(augment)(images, tf.range(8) % 4, tf.constant([0, 0]))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert x.dtype == tf.float32 and y.dtype == tf.float32
@@ -123,7 +123,7 @@ def test_augmenter_runs_in_float32_under_mixed_precision(policy):
     keras.mixed_precision.set_global_policy(policy)
     try:
         mixup = make_augmenter(AugmentConfig(flip=False, mixup=0.2), num_classes=4)
-        x, y = tf.function(mixup)(images, tf.range(8) % 4)
+        x, y = tf.function(mixup)(images, tf.range(8) % 4, tf.constant([0, 0]))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert x.dtype == tf.float32 and float(tf.reduce_min(tf.reduce_max(y, -1))) < 1.0
@@ -169,3 +169,47 @@ def test_cutmix_labels_weigh_the_pixels_each_image_shows(size):
     shown = np.stack([np.bincount(v.ravel(), minlength=count) / v.size for v in values])
     np.testing.assert_allclose(out["labels"].numpy(), shown, atol=1e-6)
     assert (shown.max(axis=1) < 1).sum() >= count // 2  # most images did get a patch
+
+
+def test_augmented_batches_are_the_same_in_every_run_and_when_resumed():
+    # Each batch's draws come from (seed, batch number), not from the layers' seed state that
+    # tf.data's parallel calls advance in any order: a second pipeline gives the same batches,
+    # and one resumed at batch 6 gives the uninterrupted pipeline's batches 6, 7, ... (a
+    # fresh augmenter used to start its draws again at batch 6).
+    from keras_vit.augment import AugmentConfig, make_augmenter
+    from keras_vit.data import Data, training_batches
+
+    images, labels = _images(40, size=8).numpy(), np.arange(40, dtype=np.int32) % 4
+    data = Data({"train": tf.data.Dataset.from_tensor_slices((images, labels))},
+                decode=lambda image, label: (image, label), image_size=(8, 8),
+                class_names=list("abcd"), sizes={"train": 40})
+    config = AugmentConfig(flip=True, translate=0.2, rotate=0.1, zoom=0.2, randaugment=0.5,
+                           mixup=0.2, cutmix=1.0)
+
+    def batches(seed=3, skip=0, count=10):
+        stream = training_batches(data, 8, seed=seed, skip_batches=skip,
+                                  augment=make_augmenter(config, num_classes=4))
+        return list(stream.take(count).as_numpy_iterator())
+
+    first, again, resumed = batches(), batches(), batches(skip=6, count=4)
+    for (x, y), (x_again, y_again) in zip(first, again):
+        np.testing.assert_array_equal(x, x_again)
+        np.testing.assert_array_equal(y, y_again)
+    for (x, y), (x_resumed, y_resumed) in zip(first[6:], resumed):
+        np.testing.assert_array_equal(x, x_resumed)
+        np.testing.assert_array_equal(y, y_resumed)
+    other_seed = batches(seed=4, count=1)[0][0]
+    assert not np.array_equal(first[0][0], other_seed)
+    assert first[0][0].dtype == np.float32 and first[0][1].shape == (8, 4)
+    mixed = [float(y.max(-1).min()) < 1.0 for _, y in first]  # MixUp or CutMix, per batch
+    assert any(mixed)
+
+
+def test_batch_seeds_give_each_draw_its_own_seed_from_the_batch_seed_alone():
+    from keras_vit.augment import BatchSeeds
+
+    seeds = BatchSeeds(tf.constant([3, 9], tf.int64))
+    draws = [keras.random.uniform((4,), seed=seeds).numpy() for _ in range(3)]
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+    again = BatchSeeds(tf.constant([3, 9], tf.int64))
+    np.testing.assert_array_equal(keras.random.uniform((4,), seed=again).numpy(), draws[0])
