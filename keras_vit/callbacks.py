@@ -15,6 +15,14 @@ import numpy as np
 _OPTIMIZER_MISMATCH = "Skipping variable loading for optimizer"
 # Attribute of a backup's weights file: batches trained when it was written.
 _BATCHES_TRAINED = "keras_vit_batches_trained"
+# Dataset of a backup's weights file: the model's seed generator states, in model.variables
+# order (Keras' weights files leave them out, so a resumed run would draw its dropout and
+# stochastic-depth masks from the start of the sequence again).
+_SEED_STATES = "keras_vit_seed_states"
+
+
+def _seed_states(model):
+    return [v for v in model.variables if v.name == "seed_generator_state"]
 
 
 def _finite(logs):
@@ -29,7 +37,9 @@ class RunBackup(keras.callbacks.BackupAndRestore):
     replays the interrupted epoch from its first batch. Here the run restores
     before its input pipeline is built (`restore`), and the count of batches trained,
     kept in each backup's weights file, tells the pipeline how many to skip, so training
-    continues with the batch after the last backup. (The optimizer's step count is not that
+    continues with the batch after the last backup. The file also keeps the dropout and
+    stochastic-depth seed states, so the resumed run draws the masks the uninterrupted one
+    would have. (The optimizer's step count is not that
     count under mixed_float16: the loss-scale optimizer skips updates whose gradients
     overflow.) Backups happen every `save_freq` steps and at each epoch end; a backup is
     skipped when the loss is not finite, so the last good state survives a divergence. The
@@ -67,6 +77,10 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         if os.path.exists(self._weights_path):
             with h5py.File(self._weights_path, "r") as f:
                 self.batches_trained = int(f.attrs.get(_BATCHES_TRAINED, self.batches_trained))
+                states = _seed_states(model)
+                if _SEED_STATES in f and f[_SEED_STATES].shape[0] == len(states):
+                    for variable, value in zip(states, f[_SEED_STATES][...]):
+                        variable.assign(value)
         return self.batches_trained
 
     def _save_model(self):
@@ -86,6 +100,10 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         self.model.save_weights(filepath=partial, overwrite=True)
         with h5py.File(partial, "a") as f:
             f.attrs[_BATCHES_TRAINED] = self.batches_trained
+            states = _seed_states(self.model)
+            if states:
+                f.create_dataset(_SEED_STATES, data=np.stack(
+                    [keras.ops.convert_to_numpy(v) for v in states]))
         os.replace(partial, self._weights_path)
         partial = f"{self._training_metadata_path}.partial"
         with open(partial, "w") as f:

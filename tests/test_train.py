@@ -115,8 +115,9 @@ def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp
 def test_a_killed_run_resumes_where_it_was(tmp_path):
     out = tmp_path / "killed"
     # --validation-split 0 (train on every labelled image): fit without validation data.
+    # Two blocks: the second has stochastic depth (the first block's rate is 0).
     args = ["--epochs", "4", "--checkpoint-every", "3", "--batch-size", "64",
-            "--validation-split", "0"]
+            "--validation-split", "0", "--depth", "2"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     process = subprocess.Popen(train_command(out, *args), stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, env=env)
@@ -151,6 +152,12 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
     assert epochs[-1] == 3 and sorted(set(epochs)) == [0, 1, 2, 3]
     assert config["result"]["steps"] == 4 * (1438 // 64)  # 1,797 - 359 test images
     assert (out / "curves.png").exists()
+    # The same batches, augmentations and stochastic-depth masks as a run never killed: the
+    # same weights, bit for bit.
+    whole = run_train(tmp_path / "whole", *args)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-4000:]
+    fingerprint = re.compile(r"weights fingerprint: (\w+)")
+    assert fingerprint.search(result.stdout).group(1) == fingerprint.search(whole.stdout).group(1)
 
 
 def test_resuming_with_other_flags_is_refused(tmp_path):
