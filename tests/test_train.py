@@ -29,6 +29,10 @@ def run_train(out, *extra, timeout=300):
                           timeout=timeout, env=env)
 
 
+def printed_fingerprint(stdout):
+    return re.search(r"weights fingerprint: (\w+)", stdout).group(1)
+
+
 def history_epochs(run_dir):
     with open(Path(run_dir) / "history.csv") as f:
         return [int(row["epoch"]) for row in csv.DictReader(f)]
@@ -55,7 +59,7 @@ def test_the_same_command_trains_the_same_weights(tmp_path):
                            "--rotate", "0.05", "--zoom", "0.1", "--randaugment", "0.5",
                            "--mixup", "0.2", "--cutmix", "1.0", "--micro-batches", "2")
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
-        return re.search(r"weights fingerprint: (\w+)", result.stdout).group(1)
+        return printed_fingerprint(result.stdout)
 
     assert fingerprint("first") == fingerprint("again")
 
@@ -156,8 +160,7 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
     # same weights, bit for bit.
     whole = run_train(tmp_path / "whole", *args)
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-4000:]
-    fingerprint = re.compile(r"weights fingerprint: (\w+)")
-    assert fingerprint.search(result.stdout).group(1) == fingerprint.search(whole.stdout).group(1)
+    assert printed_fingerprint(result.stdout) == printed_fingerprint(whole.stdout)
 
 
 def test_resuming_with_other_flags_is_refused(tmp_path):
