@@ -20,6 +20,8 @@ import numpy as np
 from keras_vit.cli import positive_int
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+# From this many images on, a Keras model runs its full batches compiled (see predict_decoded).
+COMPILE_FROM_IMAGES = 256
 
 
 class NotAnImageError(ValueError):
@@ -149,8 +151,10 @@ class Predictor:
             return baked[i]
         return f"class_{i}"
 
-    def probabilities(self, images):
-        """Decoded uint8 images (any sizes) -> probabilities [n, classes] (not SavedModel)."""
+    def probabilities(self, images, compiled=False):
+        """Decoded uint8 images (any sizes) -> probabilities [n, classes] (not SavedModel).
+        `compiled`: a Keras model runs through its compiled predict function (traced, and
+        XLA-compiled if the model was, once per batch shape) instead of an eager call."""
         pixels = np.stack([resize_pixels(im, self.image_size) for im in images])
         if self.kind == "tflite":
             from keras_vit.export._tflite import quiet_stderr
@@ -162,7 +166,9 @@ class Predictor:
         from keras_vit.model import class_probabilities
         from keras_vit.preprocessing import preprocess
 
-        outputs = self._model(preprocess(pixels), training=False)
+        inputs = preprocess(pixels)
+        outputs = (self._model.predict_on_batch(inputs) if compiled
+                   else self._model(inputs, training=False))
         return np.asarray(class_probabilities(self._model, outputs))
 
     def predict(self, paths, top_k=5, batch_size=32):
@@ -174,6 +180,10 @@ class Predictor:
         """Like `predict`, for `read_image` results: [(encoded bytes, uint8 image)]."""
         if int(top_k) < 1:
             raise ValueError(f"top_k must be at least 1, got {top_k}.")
+        # Compiling costs seconds once (3-4 s at Ti/16 224 with XLA) and then runs a batch of
+        # 32 1.3-2x faster than an eager call: it pays off over a few hundred images, for full
+        # batches (a smaller last batch would compile again).
+        compiled = self.kind == "keras" and len(decoded) >= COMPILE_FROM_IMAGES
         results = []
         for start in range(0, len(decoded), batch_size):
             batch = decoded[start:start + batch_size]
@@ -189,7 +199,8 @@ class Predictor:
                          for row_i, row_l in zip(out["top_k_indices"].numpy(),
                                                  out["top_k_labels"].numpy())]
             else:
-                probs = self.probabilities([image for _, image in batch])
+                probs = self.probabilities([image for _, image in batch],
+                                           compiled=compiled and len(batch) == batch_size)
             order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
             results += [[(self._label(int(i), names), float(p[i])) for i in row]
                         for p, row, names in zip(probs, order, baked)]
