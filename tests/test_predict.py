@@ -55,8 +55,13 @@ def test_every_model_kind_gives_the_keras_answers(setup, model_path, kind):
     results = predictor.predict(setup["paths"], top_k=5)
     expected = setup["expected"]
     assert len(results) == 4
-    for top, probs in zip(results, expected):
-        assert len(top) == 3  # top-5 of 3 classes
+    assert all(len(top) == 3 for top in results)  # top-5 of 3 classes
+    assert_keras_answers(results, expected)
+
+
+def assert_keras_answers(results, expected):
+    """Each image's (label, score) list is the Keras probabilities' classes in order."""
+    for top, probs in zip(results, expected, strict=True):
         order = np.argsort(-probs)
         assert [label for label, _ in top] == [CLASS_NAMES[i] for i in order]
         assert np.abs(np.array([s for _, s in top]) - probs[order]).max() <= 1e-4
@@ -78,11 +83,7 @@ def test_many_images_run_full_batches_compiled_with_the_same_answers(setup, monk
     assert compiled_batches == []
     results = predictor.predict(setup["paths"] * 3, top_k=5, batch_size=5)  # 5, 5, 2
     assert compiled_batches == [5, 5]
-    expected = np.concatenate([setup["expected"]] * 3)
-    for top, probs in zip(results, expected, strict=True):
-        order = np.argsort(-probs)
-        assert [label for label, _ in top] == [CLASS_NAMES[i] for i in order]
-        assert np.abs(np.array([s for _, s in top]) - probs[order]).max() <= 1e-4
+    assert_keras_answers(results, np.concatenate([setup["expected"]] * 3))
 
 
 def test_full_integer_tflite_runs_with_uint8_input(setup):
