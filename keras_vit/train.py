@@ -114,7 +114,7 @@ def add_arguments(parser):
                              "tokens (faster: they stay in the caches), whole batches on GPUs "
                              "and TPUs")
     system.add_argument("--checkpoint-every", type=positive_int, default=50,
-                        help="back up every N steps (and at each epoch end)")
+                        help="back up at each epoch end and N steps after the last backup")
     output = parser.add_argument_group("output")
     output.add_argument("--out", help="run folder (default: runs/<data name>)")
     output.add_argument("--export-dir", help="where to export (default: exported/<run name>)")

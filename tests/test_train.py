@@ -539,6 +539,34 @@ def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
         _tiny_compiled("mixed_float16")) == 8
 
 
+def test_step_backups_are_counted_from_the_last_backup_epoch_ends_included(tmp_path):
+    # Epochs shorter than --checkpoint-every: a step backup a few steps after each epoch-end
+    # backup would write the whole state again for almost nothing.
+    import h5py
+
+    from keras_vit.callbacks import RunBackup
+
+    latest = tmp_path / "backup" / "latest.weights.h5"
+
+    def backed_up():
+        if not latest.exists():
+            return None
+        with h5py.File(latest, "r") as f:
+            return int(f.attrs["keras_vit_batches_trained"])
+
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append(backed_up()),
+        on_epoch_end=lambda epoch, logs: seen.append(f"end {backed_up()}"))
+    x, y = np.random.default_rng(0).random((32, 8), "float32"), np.zeros((32, 4), "float32")
+    model = _tiny_compiled("float32")
+    backup = RunBackup(tmp_path / "backup", save_freq=3)
+    backup.restore(model)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
+              callbacks=[backup, record])  # 4 steps per epoch
+    assert seen == [None, None, 3, 3, "end 4", 4, 4, 7, 7, "end 8"]
+
+
 def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):
     # The loss-scale optimizer skips updates whose float16 gradients overflow (the first two
     # batches here), so its step count lags the batches trained: resuming by it would train
