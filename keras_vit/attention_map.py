@@ -139,14 +139,6 @@ def save_attention_overlay(image, heat, path, alpha=0.5):
     return str(path)
 
 
-def load_image(path):
-    """Reads a JPEG / PNG / BMP / GIF file as an (H, W, 3) uint8 RGB array."""
-    import tensorflow as tf
-
-    data = tf.io.read_file(str(path))
-    return tf.io.decode_image(data, channels=3, expand_animations=False).numpy()
-
-
 # ---------------------------------------------------------------------------
 # keras-vit attention-map IMAGE
 
@@ -172,17 +164,22 @@ def run(args):
     import keras
 
     import keras_vit
+    from keras_vit.predict import NotAnImageError, read_image
 
-    if args.model:
-        model = keras.saving.load_model(args.model)
-    else:
-        if args.weights is None:
-            print("attention-map: pass --weights (or --model); a model with random weights "
-                  "has no meaningful attention.", file=sys.stderr)
-            return 2
-        model = keras_vit.build(args.variant, image_size=args.image_size,
-                                num_classes=args.num_classes, weights=args.weights)
-    image = load_image(args.image)
+    if args.model is None and args.weights is None:
+        print("keras-vit attention-map: pass --weights (or --model); a model with random "
+              "weights has no meaningful attention.", file=sys.stderr)
+        return 2
+    try:
+        _, image = read_image(args.image)  # a missing or damaged image fails before the model
+        if args.model:
+            model = keras.saving.load_model(args.model)
+        else:
+            model = keras_vit.build(args.variant, image_size=args.image_size,
+                                    num_classes=args.num_classes, weights=args.weights)
+    except (OSError, NotAnImageError, ValueError) as e:  # files, images, checkpoints
+        print(f"keras-vit attention-map: error: {e}", file=sys.stderr)
+        return 2
     heat = attention_map(model, image)
     out = args.out or os.path.splitext(args.image)[0] + "_attention.png"
     save_attention_overlay(image, heat, out, alpha=args.alpha)

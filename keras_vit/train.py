@@ -202,6 +202,18 @@ def choose_run_dir(config):
                     f"{candidate} holds an unfinished run with a different configuration "
                     f"({detail}). Start it again with the same flags to resume, or pass "
                     "--out NEW_FOLDER for a new run.")
+            # Other settings may change on resume (a lower --learning-rate after a NaN stop),
+            # but not silently: config.json keeps what each resume changed.
+            changed = {k: [previous[k], config.get(k)] for k in RESUMABLE_CHANGES
+                       if k in previous and previous[k] != config.get(k)}
+            history = previous.get("changed_on_resume", []) + ([changed] if changed else [])
+            if history:
+                config["changed_on_resume"] = history
+            if changed:
+                detail = ", ".join(f"{k}: {a} then, {b} now" for k, (a, b) in changed.items())
+                print(f"Warning: resuming {candidate} with other settings than it was started "
+                      f"with ({detail}); the rest of the run uses the new ones (config.json "
+                      "lists them under changed_on_resume).", file=sys.stderr, flush=True)
             return candidate, True
         n += 1
         candidate = base.with_name(f"{base.name}-{n}")
@@ -210,6 +222,11 @@ def choose_run_dir(config):
 # A resumed run must agree on everything that shapes the weights or the data stream.
 RESUME_KEYS = ["data", "validation_split", "test_split", "variant", "image_size", "patch_size",
                "depth", "pooling", "gelu", "batch_size", "epochs", "optimizer", "seed"]
+# Settings a resumed run may change, with a warning (the rest are bookkeeping or output).
+RESUMABLE_CHANGES = ["preset", "learning_rate", "weight_decay", "warmup_epochs", "schedule",
+                     "clip_norm", "momentum", "label_smoothing", "dropout",
+                     "attention_dropout", "drop_path", "crop_area", "flip", "translate",
+                     "rotate", "zoom", "randaugment", "mixup", "cutmix", "weights"]
 
 
 @contextlib.contextmanager
@@ -389,9 +406,20 @@ def train(config):
 
     # Model settings are checked before the data loads or the run folder is written.
     with stop_on(ValueError):
-        stride = parse_variant(config["variant"], config["patch_size"]).stride
+        variant = parse_variant(config["variant"], config["patch_size"])
         height, width = config["image_size"]
-        rows, cols = patch_grid(height, width, stride)
+        try:
+            rows, cols = patch_grid(height, width, variant.stride)
+        except ValueError as err:
+            raise ValueError(f"{err} Here: --image-size HEIGHTxWIDTH (now {height}x{width}), "
+                             "or another --patch-size or --variant.") from None
+    stride = variant.stride
+    weights = config.get("weights")
+    if weights:  # a missing file, an unknown name or a failed download: before anything else
+        from keras_vit.checkpoints import open_weights
+
+        with stop_on(ValueError, OSError):
+            weights = open_weights(weights, variant=variant) or weights  # None: .weights.h5
     tokens = rows * cols
     chief = distribute.is_chief(strategy)
     run_dir, resuming = choose_run_dir(config)
@@ -443,12 +471,13 @@ def train(config):
           flush=True)
 
     with strategy.scope():
-        model = keras_vit.build(
-            config["variant"], image_size=config["image_size"], num_classes=num_classes,
-            patch_size=config["patch_size"], depth=config["depth"], pooling=config["pooling"],
-            gelu=config["gelu"], dropout_rate=config["dropout"],
-            attention_dropout_rate=config["attention_dropout"],
-            drop_path_rate=config["drop_path"], weights=config.get("weights"))
+        with stop_on(ValueError):  # a checkpoint that does not fit the model says which keys
+            model = keras_vit.build(
+                config["variant"], image_size=config["image_size"], num_classes=num_classes,
+                patch_size=config["patch_size"], depth=config["depth"],
+                pooling=config["pooling"], gelu=config["gelu"], dropout_rate=config["dropout"],
+                attention_dropout_rate=config["attention_dropout"],
+                drop_path_rate=config["drop_path"], weights=weights)
         model.compile(
             optimizer=build_optimizer(config, spe),
             loss=keras.losses.CategoricalCrossentropy(

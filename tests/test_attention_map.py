@@ -86,7 +86,7 @@ def test_gap_and_hybrid_models_and_other_image_sizes():
     assert heat.shape == (2, 64, 64) and np.all((heat >= 0) & (heat <= 1))
 
 
-def test_overlay_png_command_and_script(tmp_path):
+def test_overlay_png_command_and_script(tmp_path, capsys):
     model = randomize_weights(keras_vit.build(Variant("s", 32, 1, 4, 64, 8), image_size=32,
                                               num_classes=3), scale=0.3)
     model.save(tmp_path / "m.keras")
@@ -108,6 +108,17 @@ def test_overlay_png_command_and_script(tmp_path):
     np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(str(tmp_path / "cli.png")))
                                   .numpy(), command.overlay(image, heat))
     assert main(["attention-map", str(image_path)]) == 2  # no weights: refused, not random
+    # A missing or damaged image, a missing model: one line naming it, no traceback.
+    (tmp_path / "cut.png").write_bytes(image_path.read_bytes()[:60])
+    for image_arg, model_arg, named in (
+            (tmp_path / "nothere.png", tmp_path / "m.keras", "nothere.png"),
+            (tmp_path / "cut.png", tmp_path / "m.keras", "cut.png is not a decodable image"),
+            (image_path, tmp_path / "missing.keras", "missing.keras")):
+        capsys.readouterr()
+        assert main(["attention-map", str(image_arg), "--model", str(model_arg)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("keras-vit attention-map: error:") and named in err
+        assert "Traceback" not in err
 
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "scripts", "attention_map.py"), str(image_path),

@@ -173,6 +173,28 @@ def test_resuming_with_other_flags_is_refused(tmp_path):
         choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"})
 
 
+def test_resuming_with_other_training_settings_warns_and_records_them(tmp_path, capsys):
+    from keras_vit.train import choose_run_dir
+
+    out = tmp_path / "run"
+    (out / "backup").mkdir(parents=True)
+    started = {"finished": False, "variant": "Ti/16", "learning_rate": 0.001, "mixup": 0.2}
+    (out / "config.json").write_text(json.dumps(started))
+    same = {"out": str(out), "variant": "Ti/16", "learning_rate": 0.001, "mixup": 0.2}
+    assert choose_run_dir(dict(same)) == (out, True)
+    assert "Warning" not in capsys.readouterr().err
+    lower = dict(same, learning_rate=0.0003, verbose=0)  # e.g. after a NaN stop
+    assert choose_run_dir(lower) == (out, True)
+    assert ("Warning: resuming " + str(out) + " with other settings than it was started with "
+            "(learning_rate: 0.001 then, 0.0003 now)") in capsys.readouterr().err
+    assert lower["changed_on_resume"] == [{"learning_rate": [0.001, 0.0003]}]
+    (out / "config.json").write_text(json.dumps(dict(started, **lower)))
+    again = dict(lower, mixup=0.0)  # a second resume keeps the first one's record
+    choose_run_dir(again)
+    assert again["changed_on_resume"] == [{"learning_rate": [0.001, 0.0003]},
+                                          {"mixup": [0.2, 0.0]}]
+
+
 def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
     from keras_vit.train import choose_run_dir
 
@@ -188,12 +210,15 @@ def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--variant", "Ti16"], "Unknown ViT variant 'Ti16'"),
     (["--image-size", "224x"], "--image-size '224x' is not a size.*HEIGHTxWIDTH"),
-    (["--image-size", "9"], "not divisible by the patch size"),
+    (["--image-size", "9"], r"not divisible by the patch size 2.* Here: --image-size "
+                            r"HEIGHTxWIDTH \(now 9x9\), or another --patch-size or --variant\."),
     (["--data", "folder:/no/such/folder"], "does not exist"),
     (["--test-split", "0"], "--test-split 0.0 is not a fraction"),
     (["--validation-split", "0.5", "--test-split", "0.5"], "leave no training images"),
     (["--crop-area", "0"], "--crop-area 0.0 is not an area fraction.*1: no crop"),
     (["--cpu-devices", "2"], "cpu_devices=2 applies to the 'mirrored' strategy only"),
+    (["--weights", "/no/such/checkpoint.npz"], "No checkpoint file '/no/such/checkpoint.npz'"),
+    (["--weights", "augreg_in21k"], "No published 'augreg_in21k' checkpoint for variant 'Ti/2'"),
 ])
 def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message):
     from keras_vit import cli
@@ -202,6 +227,33 @@ def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, 
     with pytest.raises(SystemExit, match=message):
         cli.main(["train", "--out", str(out), *TINY, *flags])
     assert not (out / "config.json").exists()  # so the corrected command starts afresh
+
+
+def test_weights_that_cannot_be_downloaded_stop_with_what_to_do(tmp_path, monkeypatch):
+    from keras_vit import cli
+
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # nothing cached
+    monkeypatch.setenv("KERAS_VIT_CHECKPOINT_MIRROR", "http://127.0.0.1:9/")  # nothing listens
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"keras-vit train: Download of http://127\.0\.0\.1:9/"
+                                         r".* failed: .*Offline\? .*--weights PATH"):
+        cli.main(["train", "--out", str(out), "--variant", "Ti/16", "--image-size", "32",
+                  "--depth", "1", "--weights", "augreg_in21k", "--no-export", "--verbose", "0"])
+    assert not (out / "config.json").exists()
+
+
+def test_a_checkpoint_that_does_not_fit_stops_naming_the_depth(tmp_path):
+    import keras_vit
+    from keras_vit import cli
+    from keras_vit.checkpoints import save_npz
+
+    deeper = keras_vit.build("Ti/16", image_size=8, patch_size=2, depth=2, num_classes=10)
+    save_npz(deeper, tmp_path / "deeper.npz")
+    with pytest.raises(SystemExit, match=r"(?s)keras-vit train: Checkpoint .*deeper\.npz.* does "
+                                         r"not fit.*The checkpoint has 2 encoder blocks and the "
+                                         r"model 1: build it with depth=2 \(--depth 2\)"):
+        cli.main(["train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "1",
+                  "--weights", str(tmp_path / "deeper.npz")])
 
 
 def test_digits_defaults_shape_only_the_default_variant():

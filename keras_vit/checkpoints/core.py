@@ -389,10 +389,15 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
     if shape_problems or (strict and (missing or extras)):
         listed = shape_problems + (missing + extras if strict else [])
         more = f"\n  ... and {len(listed) - 25} more" if len(listed) > 25 else ""
+        blocks = len(_model_parts(model)[1])
+        depth = (f"\nThe checkpoint has {checkpoint.depth} encoder blocks and the model "
+                 f"{blocks}: build it with depth={checkpoint.depth} (--depth "
+                 f"{checkpoint.depth}) or leave depth unset."
+                 if checkpoint.depth and checkpoint.depth != blocks else "")
         raise CheckpointError(
             f"Checkpoint {checkpoint.path} ({checkpoint.layout} layout) does not fit model "
-            f"{model.name!r}:\n  " + "\n  ".join(listed[:25]) + more +
-            ("\nCheck the variant, image size and pooling" +
+            f"{model.name!r}:\n  " + "\n  ".join(listed[:25]) + more + depth +
+            ("\nCheck the variant, depth, image size and pooling" +
              ("; strict=False skips missing and extra keys (never mis-shaped ones)."
               if strict and (missing or extras) and not shape_problems else ".")))
     if missing or extras:
