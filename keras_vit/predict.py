@@ -83,15 +83,16 @@ def _read_labels(path):
     return [line.rstrip("\n") for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def _labels_near(*folders):
-    for folder in folders:
-        if (folder / "labels.txt").is_file():
-            return _read_labels(folder / "labels.txt")
-        if (folder / "config.json").is_file():
-            names = json.loads((folder / "config.json").read_text()).get("class_names")
-            if names:
-                return [str(c) for c in names]
-    return None
+def _labels_near(folder):
+    """(class names, the file they came from) from labels.txt or a run's config.json in
+    `folder`, or (None, None)."""
+    if (folder / "labels.txt").is_file():
+        return _read_labels(folder / "labels.txt"), folder / "labels.txt"
+    if (folder / "config.json").is_file():
+        names = json.loads((folder / "config.json").read_text()).get("class_names")
+        if names:
+            return [str(c) for c in names], folder / "config.json"
+    return None, None
 
 
 class Predictor:
@@ -100,8 +101,12 @@ class Predictor:
     def __init__(self, path, labels=None):
         self.path = Path(path)
         self.kind, self.model_path = _resolve(self.path)
-        self._labels = _read_labels(labels) if labels else None
+        given = _read_labels(labels) if labels is not None else None  # before the model loads
         self._load()
+        if given is not None:
+            self.class_names, self.class_names_source = given, f"--labels {labels}"
+        else:
+            self.class_names, self.class_names_source = _labels_near(self.model_path.parent)
 
     def _load(self):
         if self.kind == "savedmodel":
@@ -113,7 +118,6 @@ class Predictor:
                                  "export it with `keras-vit export`")
             self._loaded = loaded  # keeps the variables alive
             self._fn = loaded.signatures["serving_default"]
-            self.class_names = self._labels or _labels_near(self.model_path.parent)
             self.image_size = None
         elif self.kind == "tflite":
             from keras_vit.export._tflite import LiteRTModel, quiet_stderr
@@ -121,14 +125,12 @@ class Predictor:
             with quiet_stderr():
                 self._model = LiteRTModel(self.model_path)
             self.image_size = self._model.image_size
-            self.class_names = self._labels or _labels_near(self.model_path.parent)
         elif self.kind == "onnx":
             from keras_vit.export._onnx import OnnxModel, require_onnx
 
             require_onnx()
             self._model = OnnxModel(self.model_path)
             self.image_size = self._model.image_size
-            self.class_names = self._labels or _labels_near(self.model_path.parent)
         else:  # keras
             import keras
 
@@ -136,7 +138,6 @@ class Predictor:
 
             self._model = keras.saving.load_model(self.model_path)
             self.image_size = tuple(int(s) for s in self._model.inputs[0].shape[1:3])
-            self.class_names = self._labels or _labels_near(self.model_path.parent)
 
     def describe(self):
         return {"savedmodel": "SavedModel, serving_default signature",
@@ -201,6 +202,10 @@ class Predictor:
             else:
                 probs = self.probabilities([image for _, image in batch],
                                            compiled=compiled and len(batch) == batch_size)
+            if self.class_names is not None and len(self.class_names) != probs.shape[1]:
+                raise ValueError(
+                    f"{self.class_names_source} names {len(self.class_names)} classes but the "
+                    f"model has {probs.shape[1]}: give one name a line, in class order.")
             order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
             results += [[(self._label(int(i), names), float(p[i])) for i in row]
                         for p, row, names in zip(probs, order, baked)]
@@ -241,27 +246,50 @@ def add_arguments(parser):
                                          "the model, or the run's config.json)")
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--json", action="store_true", help="print JSON lines instead")
+    parser.epilog = ("Files that are not readable images are named on stderr and the others "
+                     "predicted. Exit status: 0 all predicted, 1 some files skipped, 2 nothing "
+                     "predicted.")
 
 
 def run(args):
+    """Exit status 0: every image predicted; 1: some files could not be read (named on
+    stderr; the others were predicted); 2: nothing predicted (bad arguments or model)."""
+    paths, readable, decoded, unreadable = [], [], [], {}
     try:
         paths = collect_images(args.images)
-        decoded = [read_image(p) for p in paths]  # a bad file fails before the model loads
+        for path in paths:
+            try:  # every file is read before the model loads
+                decoded.append(read_image(path))
+                readable.append(path)
+            except (NotAnImageError, OSError) as e:  # one damaged photo spoils no other
+                unreadable[path] = str(e)
+        if not decoded:
+            raise NotAnImageError("no image could be read:\n  " + "\n  ".join(
+                unreadable.values()))
         predictor = Predictor(args.model, labels=args.labels)
-        results = predictor.predict_decoded(decoded, top_k=args.top_k,
-                                            batch_size=args.batch_size)
+        results = dict(zip(readable, predictor.predict_decoded(
+            decoded, top_k=args.top_k, batch_size=args.batch_size)))
     except (FileNotFoundError, NotAnImageError, ValueError, ImportError) as e:
         print(f"keras-vit predict: error: {e}", file=sys.stderr)
         return 2
     if not args.json:
         print(f"{predictor.model_path} ({predictor.describe()})")
-    for path, top in zip(paths, results):
+    for path in paths:
         if args.json:
-            print(json.dumps({"image": str(path),
-                              "top_k": [{"label": lab, "score": s} for lab, s in top]}))
+            print(json.dumps({"image": str(path), "error": unreadable[path]} if path in unreadable
+                             else {"image": str(path), "top_k": [
+                                 {"label": lab, "score": s} for lab, s in results[path]]}))
+            continue
+        if path in unreadable:
             continue
         print(f"\n{path}")
-        width = max(len(lab) for lab, _ in top)
-        for rank, (label, score) in enumerate(top, 1):
+        width = max(len(lab) for lab, _ in results[path])
+        for rank, (label, score) in enumerate(results[path], 1):
             print(f"  {rank}. {label:<{width}}  {100 * score:6.2f}%")
+    for error in unreadable.values():
+        print(f"keras-vit predict: skipped {error}", file=sys.stderr)
+    if unreadable:
+        print(f"keras-vit predict: {len(unreadable)} of {len(paths)} "
+              "files could not be read (above); the others were predicted.", file=sys.stderr)
+        return 1
     return 0

@@ -130,16 +130,52 @@ def test_labels_file_overrides(setup, capsys, tmp_path, model):
     assert f"1. {best} " in capsys.readouterr().out
 
 
+def test_unreadable_files_are_named_and_the_others_predicted(setup, capsys, tmp_path):
+    # One damaged photo in a folder must not cost the predictions for the rest.
+    import shutil
+
+    folder = tmp_path / "photos"
+    shutil.copytree(setup["folder"], folder)
+    truncated = folder / "more" / "b2.png"
+    truncated.write_bytes(setup["paths"][0].read_bytes()[:70])
+    notes = setup["folder"] / "notes.txt"  # named explicitly: read, and refused
+    model = str(setup["out"] / "tiny_float32.tflite")
+    assert cli.main(["predict", model, str(folder), str(notes), "--json"]) == 1
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    good = [folder / p.relative_to(setup["folder"]) for p in setup["paths"]]
+    assert [r["image"] for r in rows] == [str(p) for p in sorted(good + [truncated])] + \
+        [str(notes)]  # in the order given, folders sorted
+    errors = {r["image"]: r["error"] for r in rows if "error" in r}
+    predicted = [r for r in rows if "top_k" in r]
+    assert [r["image"] for r in predicted] == [str(p) for p in good]
+    for row, probs in zip(predicted, setup["expected"]):
+        assert row["top_k"][0]["label"] == CLASS_NAMES[int(probs.argmax())]
+    assert f"{truncated} is not a decodable image" in errors[str(truncated)]
+    assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in errors[str(notes)]
+    assert f"skipped {truncated} is not a decodable image" in captured.err
+    assert "2 of 6 files could not be read" in captured.err
+    assert cli.main(["predict", model, str(folder)]) == 1  # text: the 4 others, in order
+    blocks = capsys.readouterr().out.strip().split("\n\n")[1:]
+    assert [b.splitlines()[0] for b in blocks] == [str(p) for p in good]
+
+
 def test_errors_are_clear(setup, capsys, tmp_path):
     model = str(setup["out"] / "tiny_float32.tflite")
     notes = setup["folder"] / "notes.txt"
-    assert cli.main(["predict", model, str(setup["paths"][0]), str(notes)]) == 2
+    assert cli.main(["predict", model, str(notes)]) == 2  # nothing readable: nothing to run
     err = capsys.readouterr().err
+    assert "no image could be read" in err
     assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in err
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(setup["paths"][0].read_bytes()[:70])
     assert cli.main(["predict", model, str(truncated)]) == 2
     assert f"{truncated} is not a decodable image" in capsys.readouterr().err
+    (tmp_path / "two.txt").write_text("R\nG\n")  # the model has 3 classes
+    assert cli.main(["predict", model, str(setup["paths"][0]),
+                     "--labels", str(tmp_path / "two.txt")]) == 2
+    assert (f"--labels {tmp_path / 'two.txt'} names 2 classes but the model has 3: give one "
+            "name a line, in class order") in capsys.readouterr().err
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert cli.main(["predict", model, str(tmp_path / "empty.jpg")]) == 2
     assert "is an empty file" in capsys.readouterr().err
