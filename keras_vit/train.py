@@ -50,7 +50,9 @@ def add_arguments(parser):
     data.add_argument("--data", default="digits",
                       help="digits (embedded, default) | folder:PATH | tfds:NAME")
     data.add_argument("--data-dir", help="TFDS data_dir holding the prepared dataset")
-    data.add_argument("--validation-split", type=float, default=0.1)
+    data.add_argument("--validation-split", type=float, default=0.1,
+                      help="share of the training images held out for validation (default "
+                           "0.1; 0: none)")
     data.add_argument("--test-split", type=float, default=None,
                       help="held-out test fraction when the data has no test split")
     model = parser.add_argument_group("model")
@@ -64,28 +66,40 @@ def add_arguments(parser):
                        help="token (default) or gap; with --weights, what the checkpoint has")
     model.add_argument("--gelu", choices=["tanh", "erf"],
                        help="tanh (default) or erf; with --weights, what the checkpoint has")
-    model.add_argument("--dropout", type=float, default=0.0)
-    model.add_argument("--attention-dropout", type=float, default=0.0)
-    model.add_argument("--drop-path", type=float, help="stochastic depth rate at the last block")
+    model.add_argument("--dropout", type=float, default=0.0,
+                       help="dropout after attention and in the MLP (default 0)")
+    model.add_argument("--attention-dropout", type=float, default=0.0,
+                       help="dropout on the attention weights (default 0)")
+    model.add_argument("--drop-path", type=float,
+                       help="stochastic depth rate at the last block (default 0.1)")
     model.add_argument("--weights", help="initial weights (checkpoint file or name)")
     recipe = parser.add_argument_group("recipe")
     recipe.add_argument("--preset", choices=sorted(PRESETS), default="pretrain",
                         help="pretrain: AdamW; finetune: SGD with momentum (the paper's)")
-    recipe.add_argument("--optimizer", choices=["adamw", "sgd"])
-    recipe.add_argument("--epochs", type=positive_int)
+    recipe.add_argument("--optimizer", choices=["adamw", "sgd"],
+                        help="default: the --preset's (adamw; finetune: sgd)")
+    recipe.add_argument("--epochs", type=positive_int,
+                        help="default: 50 on digits, 30 on other data")
     recipe.add_argument("--batch-size", type=positive_int, help="global batch, split across replicas")
-    recipe.add_argument("--learning-rate", type=float)
-    recipe.add_argument("--weight-decay", type=float)
-    recipe.add_argument("--momentum", type=float, default=0.9)
-    recipe.add_argument("--warmup-epochs", type=float)
-    recipe.add_argument("--schedule", choices=["cosine", "linear"], default="cosine")
+    recipe.add_argument("--learning-rate", type=float,
+                        help="peak learning rate, after warm-up (default 1e-3; finetune: 0.01)")
+    recipe.add_argument("--weight-decay", type=float,
+                        help="decoupled weight decay, not on biases, norms and embeddings "
+                             "(default 0.05 on digits, 0.1 on other data; finetune: 0)")
+    recipe.add_argument("--momentum", type=float, default=0.9,
+                        help="SGD momentum (default 0.9)")
+    recipe.add_argument("--warmup-epochs", type=float,
+                        help="linear warm-up (default 3 on digits, 5 on other data; finetune: 1)")
+    recipe.add_argument("--schedule", choices=["cosine", "linear"], default="cosine",
+                        help="decay to 0 after warm-up (default cosine)")
     recipe.add_argument("--clip-norm", type=float, default=1.0, help="global-norm clipping")
-    recipe.add_argument("--label-smoothing", type=float)
+    recipe.add_argument("--label-smoothing", type=float, help="default 0.1")
     recipe.add_argument("--crop-area", type=float,
                         help="random resized (inception) crop: each training image is a random "
                              "box of CROP_AREA..1 of its area, aspect 3/4..4/3, resized "
                              "(the reference's 0.05; 1 off)")
-    recipe.add_argument("--flip", action=argparse.BooleanOptionalAction)
+    recipe.add_argument("--flip", action=argparse.BooleanOptionalAction,
+                        help="random horizontal flips (default: on; off on digits)")
     recipe.add_argument("--translate", type=float, help="random shift, fraction of the size")
     recipe.add_argument("--rotate", type=float,
                         help="random rotation, fraction of a full turn (0.05 = 18 degrees)")
@@ -94,10 +108,15 @@ def add_arguments(parser):
                         help="RandAugment magnitude 0..1, the paper's M / 10 (0 off)")
     recipe.add_argument("--mixup", type=float, help="MixUp alpha (0 off)")
     recipe.add_argument("--cutmix", type=float, help="CutMix factor (0 off)")
-    recipe.add_argument("--seed", type=int, default=0)
+    recipe.add_argument("--seed", type=int, default=0,
+                        help="draws the split, initial weights, order, crops, augmentations "
+                             "and dropout masks: the same seed, the same weights (default 0)")
     system = parser.add_argument_group("system")
     system.add_argument("--strategy", default="auto",
-                        choices=["auto", "one-device", "mirrored", "multi-worker", "tpu"])
+                        choices=["auto", "one-device", "mirrored", "multi-worker", "tpu"],
+                        help="tf.distribute strategy; auto: TPU when one is evidently there, "
+                             "Mirrored over 2+ GPUs, else one device (multi-worker: ask for "
+                             "it, with TF_CONFIG set on every machine)")
     system.add_argument("--tpu-address", help="TPU name or grpc:// address for --strategy tpu")
     system.add_argument("--cpu-devices", type=positive_int,
                         help="split the CPU into N logical devices (Mirrored on one machine)")
@@ -186,6 +205,9 @@ def choose_run_dir(config):
     while True:
         config_path = candidate / CONFIG_FILE
         if not config_path.exists():
+            if candidate != base:
+                print(f"{base} holds a finished run (kept as it is): this run goes to "
+                      f"{candidate}.", flush=True)
             return candidate, False
         previous = json.loads(config_path.read_text())
         if not previous.get("finished"):
@@ -421,6 +443,10 @@ def train(config):
         with stop_on(ValueError, OSError):
             weights = open_weights(weights, variant=variant) or weights  # None: .weights.h5
     tokens = rows * cols
+    if tokens < 4:  # e.g. --variant Ti/16 on the 16x16 digits
+        print(f"Warning: {height}x{width} images in {variant.stride}x{variant.stride} px patches "
+              f"make {tokens} token(s): attention has next to nothing to relate. Use a smaller "
+              "--patch-size or a larger --image-size.", file=sys.stderr, flush=True)
     chief = distribute.is_chief(strategy)
     run_dir, resuming = choose_run_dir(config)
     work_dir = Path(distribute.worker_dir(run_dir, strategy))

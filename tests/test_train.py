@@ -106,7 +106,7 @@ def test_saved_model_loads_in_a_fresh_process_and_has_no_augmentation(finished_r
     assert "Random" not in layer_types and "MixUp" not in layer_types
 
 
-def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp_path):
+def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp_path, capsys):
     out, _ = finished_run
     from keras_vit.train import choose_run_dir
 
@@ -114,6 +114,8 @@ def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp
     config["out"] = str(out)
     run_dir, resuming = choose_run_dir(config)
     assert run_dir == out.with_name("digits-2") and not resuming
+    assert (f"{out} holds a finished run (kept as it is): this run goes to {run_dir}."
+            in capsys.readouterr().out)
 
 
 def test_a_killed_run_resumes_where_it_was(tmp_path):
@@ -227,6 +229,15 @@ def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, 
     with pytest.raises(SystemExit, match=message):
         cli.main(["train", "--out", str(out), *TINY, *flags])
     assert not (out / "config.json").exists()  # so the corrected command starts afresh
+
+
+def test_a_model_of_one_token_is_warned_about(tmp_path, capsys):
+    from keras_vit import cli
+
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *TINY, "--image-size", "2",
+                     "--epochs", "1"]) == 0
+    assert ("Warning: 2x2 images in 2x2 px patches make 1 token(s): attention has next to "
+            "nothing to relate. Use a smaller --patch-size") in capsys.readouterr().err
 
 
 def test_weights_that_cannot_be_downloaded_stop_with_what_to_do(tmp_path, monkeypatch):
