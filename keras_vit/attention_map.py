@@ -177,10 +177,10 @@ def run(args):
         else:
             model = keras_vit.build(args.variant, image_size=args.image_size,
                                     num_classes=args.num_classes, weights=args.weights)
-    except (OSError, NotAnImageError, ValueError) as e:  # files, images, checkpoints
+        heat = attention_map(model, image)  # (a model that is not a keras-vit ViT: says so)
+    except (OSError, NotAnImageError, ValueError) as e:  # files, images, checkpoints, models
         print(f"keras-vit attention-map: error: {e}", file=sys.stderr)
         return 2
-    heat = attention_map(model, image)
     out = args.out or os.path.splitext(args.image)[0] + "_attention.png"
     save_attention_overlay(image, heat, out, alpha=args.alpha)
     print(out)

@@ -128,7 +128,8 @@ class RunBackup(keras.callbacks.BackupAndRestore):
         if not _finite(logs):
             return
         super().on_epoch_end(epoch, logs)
-        if self.save_freq != "epoch":
+        # (Not again when a step backup was just written at the epoch's last batch.)
+        if self.save_freq != "epoch" and self._batches_seen_since_last_saving:
             self._save_model()
             # The step count restarts with this backup: with epochs of fewer steps than
             # save_freq, a step backup would otherwise follow each epoch-end one a few steps

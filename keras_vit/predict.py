@@ -87,11 +87,11 @@ def _labels_near(folder):
     """(class names, the file they came from) from labels.txt or a run's config.json in
     `folder`, or (None, None)."""
     if (folder / "labels.txt").is_file():
-        return _read_labels(folder / "labels.txt"), folder / "labels.txt"
+        return _read_labels(folder / "labels.txt"), str(folder / "labels.txt")
     if (folder / "config.json").is_file():
         names = json.loads((folder / "config.json").read_text()).get("class_names")
         if names:
-            return [str(c) for c in names], folder / "config.json"
+            return [str(c) for c in names], str(folder / "config.json")
     return None, None
 
 
@@ -203,9 +203,11 @@ class Predictor:
                 probs = self.probabilities([image for _, image in batch],
                                            compiled=compiled and len(batch) == batch_size)
             if self.class_names is not None and len(self.class_names) != probs.shape[1]:
+                fix = ("give one name a line, in class order" if self.class_names_source
+                       .startswith("--labels") else "pass --labels with one name a line")
                 raise ValueError(
                     f"{self.class_names_source} names {len(self.class_names)} classes but the "
-                    f"model has {probs.shape[1]}: give one name a line, in class order.")
+                    f"model has {probs.shape[1]}: {fix}.")
             order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
             results += [[(self._label(int(i), names), float(p[i])) for i in row]
                         for p, row, names in zip(probs, order, baked)]
@@ -254,42 +256,50 @@ def add_arguments(parser):
 def run(args):
     """Exit status 0: every image predicted; 1: some files could not be read (named on
     stderr; the others were predicted); 2: nothing predicted (bad arguments or model)."""
-    paths, readable, decoded, unreadable = [], [], [], {}
     try:
         paths = collect_images(args.images)
-        for path in paths:
-            try:  # every file is read before the model loads
-                decoded.append(read_image(path))
-                readable.append(path)
-            except (NotAnImageError, OSError) as e:  # one damaged photo spoils no other
-                unreadable[path] = str(e)
-        if not decoded:
-            raise NotAnImageError("no image could be read:\n  " + "\n  ".join(
-                unreadable.values()))
+    except (FileNotFoundError, NotAnImageError) as e:  # a wrong argument: nothing runs
+        print(f"keras-vit predict: error: {e}", file=sys.stderr)
+        return 2
+    answers = []  # per path: ("top_k", decoded image, then the top k) or ("error", message)
+    for path in paths:
+        try:  # every file is read before the model loads
+            answers.append(["top_k", read_image(path)])
+        except (NotAnImageError, OSError) as e:  # one damaged photo spoils no other
+            answers.append(["error", str(e)])
+    errors = [message for kind, message in answers if kind == "error"]
+    readable = [answer for answer in answers if answer[0] == "top_k"]
+    try:
+        if not readable:
+            raise NotAnImageError("no image could be read:\n  " + "\n  ".join(errors))
         predictor = Predictor(args.model, labels=args.labels)
-        results = dict(zip(readable, predictor.predict_decoded(
-            decoded, top_k=args.top_k, batch_size=args.batch_size)))
+        results = predictor.predict_decoded([image for _, image in readable], top_k=args.top_k,
+                                            batch_size=args.batch_size)
+        for answer, top in zip(readable, results):
+            answer[1] = top
     except (FileNotFoundError, NotAnImageError, ValueError, ImportError) as e:
+        if args.json:  # unreadable files still get their lines
+            for path, (kind, value) in zip(paths, answers):
+                if kind == "error":
+                    print(json.dumps({"image": str(path), "error": value}))
         print(f"keras-vit predict: error: {e}", file=sys.stderr)
         return 2
     if not args.json:
         print(f"{predictor.model_path} ({predictor.describe()})")
-    for path in paths:
+    for path, (kind, value) in zip(paths, answers):
         if args.json:
-            print(json.dumps({"image": str(path), "error": unreadable[path]} if path in unreadable
-                             else {"image": str(path), "top_k": [
-                                 {"label": lab, "score": s} for lab, s in results[path]]}))
-            continue
-        if path in unreadable:
-            continue
-        print(f"\n{path}")
-        width = max(len(lab) for lab, _ in results[path])
-        for rank, (label, score) in enumerate(results[path], 1):
-            print(f"  {rank}. {label:<{width}}  {100 * score:6.2f}%")
-    for error in unreadable.values():
+            print(json.dumps({"image": str(path), "error": value} if kind == "error" else
+                             {"image": str(path),
+                              "top_k": [{"label": lab, "score": s} for lab, s in value]}))
+        elif kind == "top_k":
+            print(f"\n{path}")
+            width = max(len(lab) for lab, _ in value)
+            for rank, (label, score) in enumerate(value, 1):
+                print(f"  {rank}. {label:<{width}}  {100 * score:6.2f}%")
+    for error in errors:
         print(f"keras-vit predict: skipped {error}", file=sys.stderr)
-    if unreadable:
-        print(f"keras-vit predict: {len(unreadable)} of {len(paths)} "
-              "files could not be read (above); the others were predicted.", file=sys.stderr)
+    if errors:
+        print(f"keras-vit predict: {len(errors)} of {len(paths)} files could not be read "
+              "(above); the others were predicted.", file=sys.stderr)
         return 1
     return 0

@@ -243,12 +243,13 @@ def choose_run_dir(config):
 
 # A resumed run must agree on everything that shapes the weights or the data stream.
 RESUME_KEYS = ["data", "validation_split", "test_split", "variant", "image_size", "patch_size",
-               "depth", "pooling", "gelu", "batch_size", "epochs", "optimizer", "seed"]
+               "depth", "pooling", "gelu", "batch_size", "epochs", "optimizer", "seed",
+               "weights"]
 # Settings a resumed run may change, with a warning (the rest are bookkeeping or output).
 RESUMABLE_CHANGES = ["preset", "learning_rate", "weight_decay", "warmup_epochs", "schedule",
                      "clip_norm", "momentum", "label_smoothing", "dropout",
                      "attention_dropout", "drop_path", "crop_area", "flip", "translate",
-                     "rotate", "zoom", "randaugment", "mixup", "cutmix", "weights"]
+                     "rotate", "zoom", "randaugment", "mixup", "cutmix"]
 
 
 @contextlib.contextmanager
@@ -504,6 +505,7 @@ def train(config):
                 pooling=config["pooling"], gelu=config["gelu"], dropout_rate=config["dropout"],
                 attention_dropout_rate=config["attention_dropout"],
                 drop_path_rate=config["drop_path"], weights=weights)
+        weights = None  # the model holds the checkpoint's values now: free its arrays
         model.compile(
             optimizer=build_optimizer(config, spe),
             loss=keras.losses.CategoricalCrossentropy(

@@ -129,8 +129,9 @@ def test_corrupt_archive_and_http_errors(mirror, checkpoint_bytes):
     with pytest.raises(CheckpointError, match="CRC-32|not a complete .npz"):
         fetch("augreg_in21k", "Ti/16", progress=False)
     assert _cache_files() == []
-    with pytest.raises(CheckpointError, match="HTTP Error 404"):
+    with pytest.raises(CheckpointError, match="HTTP Error 404") as caught:
         fetch("augreg_in21k_ft_in1k", "Ti/16", progress=False)
+    assert "Offline?" not in str(caught.value)  # the server answered: no network advice
     assert _cache_files() == []
 
 

@@ -163,10 +163,11 @@ def test_unreadable_files_are_named_and_the_others_predicted(setup, capsys, tmp_
 def test_errors_are_clear(setup, capsys, tmp_path):
     model = str(setup["out"] / "tiny_float32.tflite")
     notes = setup["folder"] / "notes.txt"
-    assert cli.main(["predict", model, str(notes)]) == 2  # nothing readable: nothing to run
-    err = capsys.readouterr().err
-    assert "no image could be read" in err
-    assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in err
+    assert cli.main(["predict", model, str(notes), str(notes), "--json"]) == 2  # nothing to run
+    captured = capsys.readouterr()
+    assert "no image could be read" in captured.err
+    assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in captured.err
+    assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(notes)] * 2
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(setup["paths"][0].read_bytes()[:70])
     assert cli.main(["predict", model, str(truncated)]) == 2
@@ -176,6 +177,13 @@ def test_errors_are_clear(setup, capsys, tmp_path):
                      "--labels", str(tmp_path / "two.txt")]) == 2
     assert (f"--labels {tmp_path / 'two.txt'} names 2 classes but the model has 3: give one "
             "name a line, in class order") in capsys.readouterr().err
+    copy = tmp_path / "copy"  # names from beside the model: the fix is --labels
+    copy.mkdir()
+    (copy / "m.tflite").write_bytes((setup["out"] / "tiny_float32.tflite").read_bytes())
+    (copy / "config.json").write_text(json.dumps({"class_names": ["R", "G"]}))
+    assert cli.main(["predict", str(copy / "m.tflite"), str(setup["paths"][0])]) == 2
+    assert (f"{copy / 'config.json'} names 2 classes but the model has 3: pass --labels with "
+            "one name a line") in capsys.readouterr().err
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert cli.main(["predict", model, str(tmp_path / "empty.jpg")]) == 2
     assert "is an empty file" in capsys.readouterr().err

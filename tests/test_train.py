@@ -262,7 +262,7 @@ def test_a_checkpoint_that_does_not_fit_stops_naming_the_depth(tmp_path):
     save_npz(deeper, tmp_path / "deeper.npz")
     with pytest.raises(SystemExit, match=r"(?s)keras-vit train: Checkpoint .*deeper\.npz.* does "
                                          r"not fit.*The checkpoint has 2 encoder blocks and the "
-                                         r"model 1: build it with depth=2 \(--depth 2\)"):
+                                         r"model 1: build it with depth=2 \(keras-vit train: --depth 2\)"):
         cli.main(["train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "1",
                   "--weights", str(tmp_path / "deeper.npz")])
 
@@ -628,6 +628,15 @@ def test_step_backups_are_counted_from_the_last_backup_epoch_ends_included(tmp_p
     model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False,
               callbacks=[backup, record])  # 4 steps per epoch
     assert seen == [None, None, 3, 3, "end 4", 4, 4, 7, 7, "end 8"]
+    # An epoch whose last step was just backed up is not written again at its end.
+    writes = []
+    model = _tiny_compiled("float32")
+    save_weights = model.save_weights
+    model.save_weights = lambda *a, **k: (writes.append(1), save_weights(*a, **k))
+    backup = RunBackup(tmp_path / "every2", save_freq=2)
+    backup.restore(model)
+    model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False, callbacks=[backup])
+    assert len(writes) == 4  # steps 2, 4, 6 and 8
 
 
 def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):

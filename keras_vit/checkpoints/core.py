@@ -391,9 +391,10 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
         more = f"\n  ... and {len(listed) - 25} more" if len(listed) > 25 else ""
         blocks = len(_model_parts(model)[1])
         depth = (f"\nThe checkpoint has {checkpoint.depth} encoder blocks and the model "
-                 f"{blocks}: build it with depth={checkpoint.depth} (--depth "
-                 f"{checkpoint.depth}) or leave depth unset."
-                 if checkpoint.depth and checkpoint.depth != blocks else "")
+                 f"{blocks}: build it with depth={checkpoint.depth} (keras-vit train: --depth "
+                 f"{checkpoint.depth})."
+                 if checkpoint.depth and checkpoint.depth != blocks and not shape_problems
+                 else "")
         raise CheckpointError(
             f"Checkpoint {checkpoint.path} ({checkpoint.layout} layout) does not fit model "
             f"{model.name!r}:\n  " + "\n  ".join(listed[:25]) + more + depth +

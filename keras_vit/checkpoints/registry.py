@@ -300,10 +300,14 @@ def download(url, target, *, sha256=None, progress=True, timeout=60):
                                   f"after {received + len(err.partial)} bytes"
                                   + (f" of {length}." if length else ".")) from err
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as err:
+            unreached = isinstance(err, TimeoutError) or (
+                isinstance(err, urllib.error.URLError)
+                and not isinstance(err, urllib.error.HTTPError))
             raise CheckpointError(
-                f"Download of {url} failed: {err}. Offline? Fetch the file where there is a "
-                "network and pass its path instead of the name (weights=PATH, --weights PATH), "
-                f"or set {MIRROR_ENV} to a mirror of {BASE_URL}.") from err
+                f"Download of {url} failed: {err}." + (
+                    " Offline? Fetch the file where there is a network and pass its path "
+                    "instead of the name (weights=PATH, --weights PATH), or set "
+                    f"{MIRROR_ENV} to a mirror of {BASE_URL}." if unreached else "")) from err
         if length is not None and received != length:
             raise CheckpointError(f"Download of {url} is truncated: received {received} of "
                                   f"{length} bytes.")
