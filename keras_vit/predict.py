@@ -261,42 +261,37 @@ def run(args):
     except (FileNotFoundError, NotAnImageError) as e:  # a wrong argument: nothing runs
         print(f"keras-vit predict: error: {e}", file=sys.stderr)
         return 2
-    answers = []  # per path: ("top_k", decoded image, then the top k) or ("error", message)
-    for path in paths:
+    errors, decoded = {}, {}  # by position in paths: why unreadable / read_image's result
+    for i, path in enumerate(paths):
         try:  # every file is read before the model loads
-            answers.append(["top_k", read_image(path)])
+            decoded[i] = read_image(path)
         except (NotAnImageError, OSError) as e:  # one damaged photo spoils no other
-            answers.append(["error", str(e)])
-    errors = [message for kind, message in answers if kind == "error"]
-    readable = [answer for answer in answers if answer[0] == "top_k"]
+            errors[i] = str(e)
     try:
-        if not readable:
-            raise NotAnImageError("no image could be read:\n  " + "\n  ".join(errors))
+        if not decoded:
+            raise NotAnImageError("no image could be read:\n  " + "\n  ".join(errors.values()))
         predictor = Predictor(args.model, labels=args.labels)
-        results = predictor.predict_decoded([image for _, image in readable], top_k=args.top_k,
-                                            batch_size=args.batch_size)
-        for answer, top in zip(readable, results):
-            answer[1] = top
+        top = dict(zip(decoded, predictor.predict_decoded(
+            list(decoded.values()), top_k=args.top_k, batch_size=args.batch_size)))
     except (FileNotFoundError, NotAnImageError, ValueError, ImportError) as e:
         if args.json:  # unreadable files still get their lines
-            for path, (kind, value) in zip(paths, answers):
-                if kind == "error":
-                    print(json.dumps({"image": str(path), "error": value}))
+            for i, error in errors.items():
+                print(json.dumps({"image": str(paths[i]), "error": error}))
         print(f"keras-vit predict: error: {e}", file=sys.stderr)
         return 2
     if not args.json:
         print(f"{predictor.model_path} ({predictor.describe()})")
-    for path, (kind, value) in zip(paths, answers):
+    for i, path in enumerate(paths):
         if args.json:
-            print(json.dumps({"image": str(path), "error": value} if kind == "error" else
+            print(json.dumps({"image": str(path), "error": errors[i]} if i in errors else
                              {"image": str(path),
-                              "top_k": [{"label": lab, "score": s} for lab, s in value]}))
-        elif kind == "top_k":
+                              "top_k": [{"label": lab, "score": s} for lab, s in top[i]]}))
+        elif i in top:
             print(f"\n{path}")
-            width = max(len(lab) for lab, _ in value)
-            for rank, (label, score) in enumerate(value, 1):
+            width = max(len(lab) for lab, _ in top[i])
+            for rank, (label, score) in enumerate(top[i], 1):
                 print(f"  {rank}. {label:<{width}}  {100 * score:6.2f}%")
-    for error in errors:
+    for error in errors.values():
         print(f"keras-vit predict: skipped {error}", file=sys.stderr)
     if errors:
         print(f"keras-vit predict: {len(errors)} of {len(paths)} files could not be read "

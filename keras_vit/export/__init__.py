@@ -536,7 +536,8 @@ def add_arguments(parser):
                         help="classes in the SavedModel's top_k_* outputs (default: 5)")
     parser.add_argument("--no-verify", action="store_true",
                         help="skip comparing the files with the Keras model (not recommended)")
-    parser.add_argument("--quiet", action="store_true", help="print only the report (table and notes)")
+    parser.add_argument("--quiet", action="store_true",
+                        help="print only the report (table and notes)")
 
 
 def run(args):
