@@ -445,7 +445,7 @@ def train(config):
             weights = open_weights(weights, variant=variant) or weights  # None: .weights.h5
     tokens = rows * cols
     if tokens < 4:  # e.g. --variant Ti/16 on the 16x16 digits
-        print(f"Warning: {height}x{width} images in {variant.stride}x{variant.stride} px patches "
+        print(f"Warning: {height}x{width} images in {stride}x{stride} px patches "
               f"make {tokens} token(s): attention has next to nothing to relate. Use a smaller "
               "--patch-size or a larger --image-size.", file=sys.stderr, flush=True)
     chief = distribute.is_chief(strategy)
