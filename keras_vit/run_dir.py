@@ -5,7 +5,7 @@
       model.keras     the trained model (inputs in [-1, 1], outputs logits)
       samples.npz     uint8 images at the model's size: calibration_images (training data, for
                       int8 calibration), test_images + test_labels (held out, for verification)
-      history.csv, curves.png, logs/ (TensorBoard), checkpoints/ (resumable state)
+      history.csv, curves.png, logs/ (TensorBoard), backup/ (resumable state, until it ends)
 """
 
 import dataclasses
@@ -54,9 +54,7 @@ def save_run(run_dir, model, config, samples):
 
 def load_run(run_dir):
     """Loads a finished run; raises FileNotFoundError saying what is missing and why."""
-    import keras
-
-    import keras_vit  # noqa: F401  registers the layers for deserialization
+    from keras_vit.model import load_model
 
     path = Path(run_dir)
     for name in (CONFIG_FILE, MODEL_FILE):
@@ -70,5 +68,5 @@ def load_run(run_dir):
     if (path / SAMPLES_FILE).is_file():
         with np.load(path / SAMPLES_FILE, allow_pickle=False) as data:
             samples = {k: data[k] for k in data.files}
-    model = keras.saving.load_model(path / MODEL_FILE)
+    model = load_model(path / MODEL_FILE)  # a run of keras-vit 0.1 too
     return Run(path, config, model, samples)

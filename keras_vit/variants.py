@@ -9,7 +9,7 @@ import numbers
 
 # name: (width D, depth L, heads, MLP size). From the paper's Table 1 plus the
 # Ti and S sizes of DeiT / AugReg.
-_SIZES = {
+SIZES = {
     "Ti": (192, 12, 3, 768),
     "S": (384, 12, 6, 1536),
     "B": (768, 12, 12, 3072),
@@ -49,6 +49,13 @@ class Variant:
     resnet: tuple = None
     resnet_width: int = 64
 
+    def to_config(self):
+        """The fields as JSON-friendly values (`parse_variant` takes them back)."""
+        fields = dataclasses.asdict(self)
+        if self.resnet is not None:
+            fields["resnet"] = list(self.resnet)
+        return fields
+
     @property
     def is_hybrid(self):
         return self.resnet is not None
@@ -72,18 +79,24 @@ class Variant:
 
 def variant_names():
     """Every variant string `build` accepts, e.g. "Ti/16", "B/32", "H/14", "R50+B/16"."""
-    return [f"{size}/{patch}" for size in _SIZES for patch in PATCH_SIZES] + list(_HYBRIDS)
+    return [f"{size}/{patch}" for size in SIZES for patch in PATCH_SIZES] + list(_HYBRIDS)
 
 
 def parse_variant(variant, patch_size=None):
     """Decodes "B/16" (or "B" with `patch_size`) into a `Variant`.
 
-    Also takes the hybrid names ("R50+B/16", "R26+S/32", ...) and a `Variant`
-    itself (a custom size, e.g. a tiny one for tests).
+    Also takes the hybrid names ("R50+B/16", "R26+S/32", ...), a `Variant` itself (a custom
+    size, e.g. a tiny one for tests) and the dict of a `Variant`'s fields that a saved model's
+    config holds.
 
     Raises:
         ValueError: the name is not one of `variant_names()`.
     """
+    if isinstance(variant, dict):
+        fields = dict(variant)
+        if fields.get("resnet") is not None:
+            fields["resnet"] = tuple(int(d) for d in fields["resnet"])
+        variant = Variant(**fields)
     if isinstance(variant, Variant):
         if patch_size is None:
             return variant
@@ -93,11 +106,11 @@ def parse_variant(variant, patch_size=None):
         size, resnet, cell = _HYBRIDS[name]
         if patch_size is not None:  # cells of the stem's output (1 = every position a token)
             cell = _positive(patch_size)
-        return Variant(name, *_SIZES[size], cell, resnet=resnet)
+        return Variant(name, *SIZES[size], cell, resnet=resnet)
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a string such as 'B/16', got {variant!r}")
     size, _, patch = variant.strip().partition("/")
-    if size not in _SIZES or (patch and not patch.isdigit()):
+    if size not in SIZES or (patch and not patch.isdigit()):
         raise ValueError(
             f"Unknown ViT variant {variant!r}. Valid variants: "
             f"{', '.join(variant_names())} (any size also takes patch_size=...)."
@@ -110,7 +123,7 @@ def parse_variant(variant, patch_size=None):
             )
         patch_size = int(patch)
     patch_size = _positive(patch_size)
-    width, depth, heads, mlp = _SIZES[size]
+    width, depth, heads, mlp = SIZES[size]
     return Variant(f"{size}/{patch_size}", width, depth, heads, mlp, patch_size)
 
 

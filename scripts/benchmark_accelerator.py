@@ -14,7 +14,9 @@ if "KERAS_BACKEND" not in os.environ and not importlib.util.find_spec("tensorflo
     if backend:
         os.environ["KERAS_BACKEND"] = backend
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 from keras_vit.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["benchmark-accelerator", *sys.argv[1:]]))
+    sys.exit(main(["benchmark-accelerator", *sys.argv[1:]], as_program=True))

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Same as `keras-vit export ...`: SavedModel (TF Serving) + TFLite (+ ONNX) files of a run.
+"""Export a run or a .keras model: the same as `keras-vit export` (see `--help`)."""
 
-    python scripts/export.py runs/digits --out exported/digits
-"""
-
+import os
 import sys
 
-from keras_vit.cli import main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from keras_vit.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["export", *sys.argv[1:]]))
+    sys.exit(main(["export", *sys.argv[1:]], as_program=True))

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Same as `keras-vit predict ...`: top-5 classes from a SavedModel, .tflite, .keras or .onnx.
+"""Predict images: the same as `keras-vit predict` (see `--help`)."""
 
-    python scripts/predict.py exported/digits/1 photo.jpg another.png
-"""
-
+import os
 import sys
 
-from keras_vit.cli import main
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from keras_vit.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["predict", *sys.argv[1:]]))
+    sys.exit(main(["predict", *sys.argv[1:]], as_program=True))

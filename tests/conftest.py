@@ -9,7 +9,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# Folder-scan verdicts (keras_vit.data.scan_cache_file) go to a fresh folder, not ~/.cache.
+# Folder-scan verdicts (keras_vit.training.data.scan_cache_file) go to a fresh folder, not ~/.cache.
 os.environ["KERAS_VIT_CACHE"] = tempfile.mkdtemp(prefix="keras_vit_cache_")
 atexit.register(shutil.rmtree, os.environ["KERAS_VIT_CACHE"], ignore_errors=True)
 

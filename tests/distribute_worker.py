@@ -73,7 +73,7 @@ def task_name():
 def run_mirrored(args):
     import keras
 
-    from keras_vit import distribute
+    from keras_vit.training import distribute
 
     report = {}
     strategy = distribute.make_strategy("mirrored", cpu_devices=2)
@@ -104,7 +104,7 @@ def run_multi_worker(args):
     import keras
     import numpy as np
 
-    from keras_vit import distribute
+    from keras_vit.training import distribute
 
     strategy = distribute.make_strategy("multi-worker")
     report = {"strategy": distribute.describe(strategy),

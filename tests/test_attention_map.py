@@ -18,7 +18,7 @@ from tests.test_checkpoints import (CLASSES, TINY, hf_to_vit_jax, hf_vit, images
 from tests.test_hybrid import TINY_HYBRID
 
 torch = pytest.importorskip("torch")
-command = importlib.import_module("keras_vit.attention_map")  # the module (the package
+command = importlib.import_module("keras_vit.attention_rollout")  # the module (the package
 # attribute keras_vit.attention_map is the function)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,7 +86,11 @@ def test_gap_and_hybrid_models_and_other_image_sizes():
     assert heat.shape == (2, 64, 64) and np.all((heat >= 0) & (heat <= 1))
 
 
-def test_overlay_png_command_and_script(tmp_path, capsys):
+def test_overlay_sheet_command_and_script(tmp_path, capsys):
+    from matplotlib import colormaps
+
+    from keras_vit.run_dir import save_run
+
     model = randomize_weights(keras_vit.build(Variant("s", 32, 1, 4, 64, 8), image_size=32,
                                               num_classes=3), scale=0.3)
     model.save(tmp_path / "m.keras")
@@ -95,24 +99,35 @@ def test_overlay_png_command_and_script(tmp_path, capsys):
     tf.io.write_file(str(image_path), tf.io.encode_png(image))
 
     heat = keras_vit.attention_map(model, image)
-    out = keras_vit.save_attention_overlay(image, heat, tmp_path / "overlay.png", alpha=0.4)
-    png = tf.io.decode_png(tf.io.read_file(out)).numpy()
-    np.testing.assert_array_equal(png, command.overlay(image, heat, alpha=0.4))
-    assert png.shape == (40, 56, 3)
+    # The overlay: the image where alpha is 0, the perceptually uniform map where it is 1.
+    np.testing.assert_array_equal(command.overlay(image, heat, alpha=0.0), image)
+    magma = np.round(255 * colormaps["magma"](heat)[..., :3]).astype(np.uint8)
+    assert np.abs(command.overlay(image, heat, alpha=1.0).astype(int) - magma).max() <= 1
     with pytest.raises(ValueError, match="does not match the image"):
         command.overlay(image, heat[:10])
+    # A sheet: one row per image (image + overlay with its colour bar), titled.
+    one = keras_vit.save_attention_figure(image, heat, tmp_path / "one.png", labels="cat 90%",
+                                          grid=model.grid)
+    two = keras_vit.save_attention_figure([image, image], [heat, heat], tmp_path / "two.png",
+                                          labels=["a", "b"])
+    one, two = (tf.io.decode_png(tf.io.read_file(p)).numpy() for p in (one, two))
+    assert one.shape[1] == two.shape[1] and 1.8 < two.shape[0] / one.shape[0] < 2.2
 
     from keras_vit.cli import main
-    assert main(["attention-map", str(image_path), "--model", str(tmp_path / "m.keras"),
-                 "--out", str(tmp_path / "cli.png")]) == 0
-    np.testing.assert_array_equal(tf.io.decode_png(tf.io.read_file(str(tmp_path / "cli.png")))
-                                  .numpy(), command.overlay(image, heat))
+    # What predict takes: a .keras file and a run folder (with its class names).
+    save_run(tmp_path / "run", model, {"class_names": ["cat", "dog", "bird"],
+                                       "image_size": [32, 32]}, {})
+    for model_arg in (tmp_path / "m.keras", tmp_path / "run"):
+        assert main(["attention-map", str(image_path), str(image_path), "--model",
+                     str(model_arg), "--out", str(tmp_path / "cli.png")]) == 0
+        sheet = tf.io.decode_png(tf.io.read_file(str(tmp_path / "cli.png"))).numpy()
+        assert sheet.shape[0] > 1.8 * one.shape[0]  # two images, one sheet
     assert main(["attention-map", str(image_path)]) == 2  # no weights: refused, not random
     # A missing or damaged image, a missing model: one line naming it, no traceback.
     (tmp_path / "cut.png").write_bytes(image_path.read_bytes()[:60])
     for image_arg, model_arg, named in (
             (tmp_path / "nothere.png", tmp_path / "m.keras", "nothere.png"),
-            (tmp_path / "cut.png", tmp_path / "m.keras", "cut.png is not a decodable image"),
+            (tmp_path / "cut.png", tmp_path / "m.keras", "cut.png: damaged or truncated PNG"),
             (image_path, tmp_path / "missing.keras", "missing.keras")):
         capsys.readouterr()
         assert main(["attention-map", str(image_arg), "--model", str(model_arg)]) == 2

@@ -6,7 +6,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from keras_vit.augment import AreaCutMix, PerImageRandAugment  # noqa: E402
+from keras_vit.training.augment import AreaCutMix, PerImageRandAugment  # noqa: E402
 
 
 def _images(count, size=16, seed=0):
@@ -106,7 +106,7 @@ def test_strengths_are_the_papers_both_ways():
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_augmenter_runs_in_float32_under_mixed_precision(policy):
-    from keras_vit.augment import AugmentConfig, make_augmenter
+    from keras_vit.training.augment import AugmentConfig, make_augmenter
 
     keras.mixed_precision.set_global_policy(policy)
     try:
@@ -176,8 +176,8 @@ def test_augmented_batches_are_the_same_in_every_run_and_when_resumed():
     # tf.data's parallel calls advance in any order: a second pipeline gives the same batches,
     # and one resumed at batch 6 gives the uninterrupted pipeline's batches 6, 7, ... (a
     # fresh augmenter used to start its draws again at batch 6).
-    from keras_vit.augment import AugmentConfig, make_augmenter
-    from keras_vit.data import Data, training_batches
+    from keras_vit.training.augment import AugmentConfig, make_augmenter
+    from keras_vit.training.data import Data, training_batches
 
     images, labels = _images(40, size=8).numpy(), np.arange(40, dtype=np.int32) % 4
     data = Data({"train": tf.data.Dataset.from_tensor_slices((images, labels))},
@@ -206,7 +206,7 @@ def test_augmented_batches_are_the_same_in_every_run_and_when_resumed():
 
 
 def test_batch_seeds_give_each_draw_its_own_seed_from_the_batch_seed_alone():
-    from keras_vit.augment import BatchSeeds
+    from keras_vit.training.augment import BatchSeeds
 
     seeds = BatchSeeds(tf.constant([3, 9], tf.int64))
     draws = [keras.random.uniform((4,), seed=seeds).numpy() for _ in range(3)]

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_vit import distribute
+from keras_vit.training import distribute
 
 from tests.conftest import free_ports, run_processes
 
@@ -222,88 +222,10 @@ def test_keras_20585_still_reproduces_without_the_fix(multi_worker_run):
                 "model.fit under MultiWorkerMirroredStrategy now works with "
                 f"{'Keras as it is' if stage == 'none' else 'only part 1 of the fix'} "
                 f"(Keras {keras.__version__}): keras-team/keras#20585 is fixed upstream, at "
-                "least in part; drop or trim keras_vit.distribute.fix_keras_20585.")
+                "least in part; drop or trim keras_vit.keras_internals.fix_keras_20585.")
             for message in messages:
                 assert message in result["error"], (stage, worker, result["error"])
             assert function in result["keras_frames"], (stage, worker, result["keras_frames"])
-
-
-# ------------------------------------------------------------------ the Keras #20585 fix
-
-def test_keras_20585_fix_targets_are_unchanged():
-    """The Keras functions the fix wraps are byte-for-byte those of Keras 3.15.1.
-
-    If this fails after a Keras upgrade: re-read keras/src/backend/tensorflow/trainer.py,
-    check the fix still applies (and whether the bug is still there, see the reproduction
-    test), then update KERAS_20585_SOURCES.
-    """
-    assert distribute.keras_20585_sources() == distribute.KERAS_20585_SOURCES, (
-        f"Keras {keras.__version__} changed the functions fix_keras_20585 wraps.")
-
-
-@pytest.fixture
-def restore_keras_trainer(monkeypatch):
-    """Keras unpatched during the test, and as it was before the test afterwards."""
-    import inspect
-
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    cls = tf_trainer.TensorFlowTrainer
-    monkeypatch.setattr(cls, "_maybe_symbolic_build", inspect.unwrap(cls._maybe_symbolic_build))
-    monkeypatch.setattr(tf_trainer, "reduce_per_replica",
-                        inspect.unwrap(tf_trainer.reduce_per_replica))
-    return tf_trainer
-
-
-def test_fix_keras_20585_is_idempotent_and_wraps_once(restore_keras_trainer):
-    tf_trainer = restore_keras_trainer
-    original_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
-    original_reduce = tf_trainer.reduce_per_replica
-    assert not hasattr(original_build, distribute._FIX_MARK), "patched before the test"
-
-    assert distribute.fix_keras_20585() is True
-    patched_build = tf_trainer.TensorFlowTrainer._maybe_symbolic_build
-    patched_reduce = tf_trainer.reduce_per_replica
-    assert patched_build is not original_build and patched_reduce is not original_reduce
-    assert patched_build.__wrapped__ is original_build
-    assert patched_reduce.__wrapped__ is original_reduce
-
-    assert distribute.fix_keras_20585() is False
-    assert tf_trainer.TensorFlowTrainer._maybe_symbolic_build is patched_build
-    assert tf_trainer.reduce_per_replica is patched_reduce
-    # The fingerprints are of the originals, patched or not.
-    assert distribute.keras_20585_sources() == distribute.KERAS_20585_SOURCES
-
-
-def test_fix_keras_20585_leaves_single_worker_strategies_alone(restore_keras_trainer):
-    """Patched, Mirrored and the default strategy train exactly as with Keras unpatched."""
-    tf_trainer = restore_keras_trainer
-    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
-    y = (x.sum(axis=1) > 0).astype("int32")
-
-    def train(strategy):
-        keras.utils.set_random_seed(0)
-        with strategy.scope():
-            model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-            model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                          metrics=["accuracy"])
-        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
-        return history.history["loss"] + history.history["accuracy"]
-
-    strategies = (lambda: tf.distribute.MirroredStrategy(["/cpu:0"]), tf.distribute.get_strategy)
-    unpatched = [train(make()) for make in strategies]
-    assert distribute.fix_keras_20585() is True
-    assert tf_trainer.reduce_per_replica is not tf_trainer.reduce_per_replica.__wrapped__
-    patched = [train(make()) for make in strategies]
-    np.testing.assert_array_equal(patched, unpatched)
-
-
-def test_fix_keras_20585_refuses_changed_keras():
-    def reduce_per_replica(values, strategy, reduction):  # as if Keras had fixed it
-        return strategy.reduce("MEAN", values, axis=None)
-
-    with pytest.raises(RuntimeError, match=r"keras-team/keras#20585.*update or drop the fix"):
-        distribute._check_keras_20585_target("reduce_per_replica", reduce_per_replica)
 
 
 # ------------------------------------------------------------------ make_strategy

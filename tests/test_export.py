@@ -23,8 +23,7 @@ import pytest
 import tensorflow as tf
 
 import keras_vit
-from keras_vit.export import (ExportVerificationError, export_run, format_report,
-                              print_report)
+from keras_vit.export import ExportVerificationError, export_run, format_report
 from keras_vit.run_dir import save_run
 from tests.conftest import randomize_weights
 
@@ -213,11 +212,6 @@ def test_report_numbers(exported):
     assert "verified on 24 held-out images" in table and "FAIL" not in table
 
 
-def test_print_report_prints_the_table(exported, capsys):
-    print_report(exported["report"])
-    assert capsys.readouterr().out.strip() == format_report(exported["report"]).strip()
-
-
 def test_quantised_agreement_in_report_matches_an_independent_run(exported):
     from ai_edge_litert.interpreter import Interpreter
 
@@ -392,7 +386,7 @@ def test_export_fails_loudly_when_the_saved_model_disagrees(exported, monkeypatc
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     monkeypatch.setattr(export_module, "_keras_reference", off_by_a_little)
     with pytest.raises(ExportVerificationError) as e:
-        export_run(exported["run"], out, name="tiny", formats=("savedmodel",), verbose=False)
+        export_run(exported["run"], out, name="tiny", formats=("savedmodel",))
     assert "FAILED for savedmodel" in str(e.value)
     assert f"Nothing in {out} was replaced; the failed files are in {out / '.failed-tiny'}" \
         in str(e.value)
@@ -419,7 +413,7 @@ def test_an_export_that_crashes_leaves_the_last_one_as_it_was(exported, monkeypa
 
     monkeypatch.setattr(_tflite, "convert", converter_dies)
     with pytest.raises(KeyboardInterrupt):
-        export_run(exported["run"], out, name="tiny", verbose=False)
+        export_run(exported["run"], out, name="tiny")
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
@@ -427,7 +421,7 @@ def test_an_export_replaces_the_files_of_the_last_one(exported, tmp_path):
     out = tmp_path / "served"
     shutil.copytree(exported["out"], out)
     report = export_run(exported["run"], out, name="tiny", formats=("tflite",),
-                        tflite_variants=("float32",), verbose=False)
+                        tflite_variants=("float32",))
     files = sorted(p.name for p in out.iterdir())
     # The other TFLite variants (and ONNX) of the last export are gone, not left beside a
     # model they may not match; the SavedModel version folder is the user's to keep.
@@ -629,19 +623,13 @@ def test_mixed_precision_run_exports_its_own_structure_in_float32(tmp_path):
     build_kwargs = dict(variant="Ti/16", image_size=SIZE, patch_size=8, num_classes=3,
                         depth=2, gelu="erf", pooling="gap", representation_size=16)
     keras.utils.set_random_seed(1)
-    previous = keras.mixed_precision.global_policy()
-    keras.mixed_precision.set_global_policy("mixed_bfloat16")
-    try:
-        trained = keras_vit.build(**build_kwargs)
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
+    trained = keras_vit.build(**build_kwargs, dtype="mixed_bfloat16")
     randomize_weights(trained)
     test, labels = color_images(8, seed=2)
     save_run(tmp_path / "run", trained, {"class_names": CLASS_NAMES, "image_size": [SIZE, SIZE],
                                          "data": "synthetic"},
              {"test_images": test, "test_labels": labels})
-    report = export_run(tmp_path / "run", tmp_path / "out", formats=("savedmodel",),
-                        verbose=False)
+    report = export_run(tmp_path / "run", tmp_path / "out", formats=("savedmodel",))
     assert report.verified  # against the float32 Keras model
     reference = keras_vit.build(**build_kwargs)  # float32, the same structure
     reference.set_weights(trained.get_weights())

@@ -195,3 +195,45 @@ def test_layers_round_trip_through_config(layer):
     config = keras.saving.serialize_keras_object(layer)
     clone = keras.saving.deserialize_keras_object(config)
     assert type(clone) is type(layer) and clone.get_config() == layer.get_config()
+
+
+# --- Keras' own kinds of checks, over every layer (tests/layer_checks.py) --------------------
+
+from keras_vit.layers import BottleneckUnit, MlpBlock, ResNetStem, StdConv2D  # noqa: E402
+from tests.layer_checks import run_layer_checks  # noqa: E402
+
+EVERY_LAYER = {
+    "patches": (lambda dtype: Patches(4, dtype=dtype), (8, 12, 3), {}, False),
+    "patch_encoder": (lambda dtype: PatchEncoder(8, dtype=dtype), (6, 12), {}, True),
+    "patch_encoder_gap": (lambda dtype: PatchEncoder(8, class_token=False, dtype=dtype),
+                          (6, 12), {}, True),
+    "patch_encoder_deit": (lambda dtype: PatchEncoder(8, distillation_token=True, dtype=dtype),
+                           (6, 12), {}, True),
+    "attention": (lambda dtype: MultiHeadSelfAttention(2, dtype=dtype), (5, 8), {}, True),
+    "attention_with_scores": (lambda dtype: MultiHeadSelfAttention(2, dtype=dtype), (5, 8),
+                              {"return_attention_scores": True}, True),
+    "attention_two_tokens": (lambda dtype: MultiHeadSelfAttention(2, dtype=dtype), (5, 8),
+                             {"output_tokens": 2}, True),
+    "mlp": (lambda dtype: MlpBlock(16, 0.1, "erf", dtype=dtype), (5, 8), {}, True),
+    "block": (lambda dtype: TransformerBlock(2, 16, 0.1, 0.1, 0.1, dtype=dtype), (5, 8), {},
+              True),
+    "block_class_token": (lambda dtype: TransformerBlock(2, 16, dtype=dtype), (5, 8),
+                          {"class_token_only": True}, True),
+    "block_with_scores": (lambda dtype: TransformerBlock(2, 16, dtype=dtype), (5, 8),
+                          {"return_attention_scores": True}, True),
+    "drop_path": (lambda dtype: DropPath(0.1, seed=1, dtype=dtype), (5, 8), {}, False),
+    "pool_token": (lambda dtype: TokenPooling("token", dtype=dtype), (5, 8), {}, False),
+    "pool_gap": (lambda dtype: TokenPooling("gap", dtype=dtype), (5, 8), {}, False),
+    "pool_distillation": (lambda dtype: TokenPooling("distillation", dtype=dtype), (5, 8), {},
+                          False),
+    "std_conv": (lambda dtype: StdConv2D(4, 3, 2, dtype=dtype), (8, 8, 3), {}, True),
+    "bottleneck": (lambda dtype: BottleneckUnit(32, 2, dtype=dtype), (4, 4, 32), {}, True),
+    "resnet_stem": (lambda dtype: ResNetStem((), width=32, patch_size=1, dtype=dtype),
+                    (16, 16, 3), {}, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EVERY_LAYER))
+def test_every_layer_passes_keras_layer_checks(name):
+    make, shape, kwargs, trainable = EVERY_LAYER[name]
+    run_layer_checks(make, shape, call_kwargs=kwargs, trainable=trainable)

@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import keras_vit
-from keras_vit.micro_batches import (auto_micro_batches, micro_batches_of, part_sizes,
+from keras_vit.training.micro_batches import (auto_micro_batches, micro_batches_of, part_sizes,
                                      use_micro_batches)
 from tests.conftest import randomize_weights
 
@@ -132,7 +132,7 @@ import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras, numpy as np
-from keras_vit.micro_batches import use_micro_batches
+from keras_vit.training.micro_batches import use_micro_batches
 rng = np.random.default_rng(0)
 x, y = rng.normal(size=(64, 8)).astype("float32"), rng.normal(size=(64, 1)).astype("float32")
 for name, strategy, parts in [("one", tf.distribute.OneDeviceStrategy("/cpu:0"), 1),

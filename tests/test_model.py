@@ -256,20 +256,22 @@ def test_keras_file_round_trip_in_a_fresh_process(tmp_path, pooling):
 
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_mixed_precision_runs_with_float32_logits(policy):
-    reference = randomize_weights(small(), scale=0.02)
-    keras.mixed_precision.set_global_policy(policy)
-    model = small()
+    reference = randomize_weights(small(depth=2), scale=0.02)
+    model = small(depth=2, dtype=policy)  # the policy given to the model: no global state
+    assert keras.config.dtype_policy().name == "float32"
     model.set_weights(reference.get_weights())
     assert all(w.dtype == "float32" for w in model.weights)
+    assert {block.compute_dtype for block in model.blocks} == {policy.split("_")[1]}
     logits = model(images())
     assert logits.dtype == "float32"
     tolerance = 0.05 if policy == "mixed_bfloat16" else 0.01
     np.testing.assert_allclose(logits, reference(images()), atol=tolerance)
-    # And it trains: one step of fit under the policy.
-    model.compile(optimizer="adam",
+    # And it trains: one step of fit under the policy (a loss-scale optimizer for float16).
+    model.compile(optimizer="adam", jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(images(8), np.arange(8) % 5, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
+    assert (type(model.optimizer).__name__ == "LossScaleOptimizer") == (policy == "mixed_float16")
 
 
 def test_matches_keras_hub_vit_backbone_with_the_same_weights():

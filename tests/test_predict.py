@@ -151,9 +151,9 @@ def test_unreadable_files_are_named_and_the_others_predicted(setup, capsys, tmp_
     assert [r["image"] for r in predicted] == [str(p) for p in good]
     for row, probs in zip(predicted, setup["expected"]):
         assert row["top_k"][0]["label"] == CLASS_NAMES[int(probs.argmax())]
-    assert f"{truncated} is not a decodable image" in errors[str(truncated)]
-    assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in errors[str(notes)]
-    assert f"skipped {truncated} is not a decodable image" in captured.err
+    assert f"{truncated}: damaged or truncated PNG data" in errors[str(truncated)]
+    assert f"{notes}: not an image (expected a JPEG, PNG, BMP or GIF file)" in errors[str(notes)]
+    assert f"skipped {truncated}: damaged or truncated PNG data" in captured.err
     assert "2 of 6 files could not be read" in captured.err
     assert cli.main(["predict", model, str(folder)]) == 1  # text: the 4 others, in order
     blocks = capsys.readouterr().out.strip().split("\n\n")[1:]
@@ -166,12 +166,12 @@ def test_errors_are_clear(setup, capsys, tmp_path):
     assert cli.main(["predict", model, str(notes), str(notes), "--json"]) == 2  # nothing to run
     captured = capsys.readouterr()
     assert "no image could be read" in captured.err
-    assert f"{notes} is not an image: expected a JPEG, PNG, BMP or GIF file" in captured.err
+    assert f"{notes}: not an image (expected a JPEG, PNG, BMP or GIF file)" in captured.err
     assert [json.loads(line)["image"] for line in captured.out.splitlines()] == [str(notes)] * 2
     truncated = tmp_path / "cut.png"
     truncated.write_bytes(setup["paths"][0].read_bytes()[:70])
     assert cli.main(["predict", model, str(truncated)]) == 2
-    assert f"{truncated} is not a decodable image" in capsys.readouterr().err
+    assert f"{truncated}: damaged or truncated PNG data" in capsys.readouterr().err
     (tmp_path / "two.txt").write_text("R\nG\n")  # the model has 3 classes
     assert cli.main(["predict", model, str(setup["paths"][0]),
                      "--labels", str(tmp_path / "two.txt")]) == 2
@@ -186,7 +186,7 @@ def test_errors_are_clear(setup, capsys, tmp_path):
             "one name a line") in capsys.readouterr().err
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert cli.main(["predict", model, str(tmp_path / "empty.jpg")]) == 2
-    assert "is an empty file" in capsys.readouterr().err
+    assert "empty.jpg: an empty file" in capsys.readouterr().err
     assert cli.main(["predict", model, str(tmp_path / "missing.png")]) == 2
     assert "missing.png: no such file or folder" in capsys.readouterr().err
     (tmp_path / "nothing").mkdir()

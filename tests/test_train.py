@@ -106,16 +106,16 @@ def test_saved_model_loads_in_a_fresh_process_and_has_no_augmentation(finished_r
     assert "Random" not in layer_types and "MixUp" not in layer_types
 
 
-def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, tmp_path, capsys):
+def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, caplog):
     out, _ = finished_run
-    from keras_vit.train import choose_run_dir
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import choose_run_dir
 
-    config = json.loads((out / "config.json").read_text())
-    config["out"] = str(out)
-    run_dir, resuming = choose_run_dir(config)
+    caplog.set_level("INFO", logger="keras_vit")
+    run_dir, resuming, _ = choose_run_dir(TrainConfig(out=str(out)).resolved())
     assert run_dir == out.with_name("digits-2") and not resuming
-    assert (f"{out} holds a finished run (kept as it is): this run goes to {run_dir}."
-            in capsys.readouterr().out)
+    assert f"{out} holds a finished run (kept as it is): this run goes to {run_dir}." \
+        in caplog.text
 
 
 def test_a_killed_run_resumes_where_it_was(tmp_path):
@@ -136,7 +136,7 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
                     state = json.loads(metadata.read_text())
                 except ValueError:
                     state = {}
-                if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:
+                if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:  # mid-epoch
                     break
             assert process.poll() is None, process.stdout.read().decode()[-3000:]
             time.sleep(0.2)
@@ -166,46 +166,74 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
 
 
 def test_resuming_with_other_flags_is_refused(tmp_path):
-    from keras_vit.train import choose_run_dir
+    from keras_vit.errors import ResumeError
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import choose_run_dir
 
     out = tmp_path / "run"
     (out / "backup").mkdir(parents=True)
     (out / "config.json").write_text(json.dumps({"finished": False, "variant": "S/16"}))
-    with pytest.raises(SystemExit, match="different configuration.*variant"):
-        choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"})
+    with pytest.raises(ResumeError, match=r"other settings \(--variant: S/16 then, Ti/16 now\)"):
+        choose_run_dir(TrainConfig(out=str(out), variant="Ti/16").resolved())
 
 
-def test_resuming_with_other_training_settings_warns_and_records_them(tmp_path, capsys):
-    from keras_vit.train import choose_run_dir
+def test_resuming_with_other_training_settings_warns_and_records_them(tmp_path, caplog):
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import choose_run_dir
 
+    caplog.set_level("INFO", logger="keras_vit")
     out = tmp_path / "run"
     (out / "backup").mkdir(parents=True)
     started = {"finished": False, "variant": "Ti/16", "learning_rate": 0.001, "mixup": 0.2}
     (out / "config.json").write_text(json.dumps(started))
-    same = {"out": str(out), "variant": "Ti/16", "learning_rate": 0.001, "mixup": 0.2}
-    assert choose_run_dir(dict(same)) == (out, True)
-    assert "Warning" not in capsys.readouterr().err
-    lower = dict(same, learning_rate=0.0003, verbose=0)  # e.g. after a NaN stop
-    assert choose_run_dir(lower) == (out, True)
-    assert ("Warning: resuming " + str(out) + " with other settings than it was started with "
-            "(learning_rate: 0.001 then, 0.0003 now)") in capsys.readouterr().err
-    assert lower["changed_on_resume"] == [{"learning_rate": [0.001, 0.0003]}]
-    (out / "config.json").write_text(json.dumps(dict(started, **lower)))
-    again = dict(lower, mixup=0.0)  # a second resume keeps the first one's record
-    choose_run_dir(again)
-    assert again["changed_on_resume"] == [{"learning_rate": [0.001, 0.0003]},
-                                          {"mixup": [0.2, 0.0]}]
+    same = TrainConfig(out=str(out), variant="Ti/16", learning_rate=0.001, mixup=0.2)
+    assert choose_run_dir(same.resolved()) == (out, True, [])
+    assert "other settings" not in caplog.text
+    lower = TrainConfig(out=str(out), variant="Ti/16", learning_rate=0.0003, mixup=0.2,
+                        verbose=0)  # e.g. after a NaN stop; verbose is free to change
+    assert choose_run_dir(lower.resolved()) == (out, True, [{"learning_rate": [0.001, 0.0003]}])
+    assert ("resuming " + str(out) + " with other settings than it was started with "
+            "(--learning-rate: 0.001 then, 0.0003 now)") in caplog.text.lower()
+    (out / "config.json").write_text(json.dumps(
+        dict(started, learning_rate=0.0003, changed_on_resume=[{"learning_rate": [0.001,
+                                                                                  0.0003]}])))
+    again = TrainConfig(out=str(out), variant="Ti/16", learning_rate=0.0003, mixup=0.0)
+    # A second resume keeps the first one's record.
+    assert choose_run_dir(again.resolved())[2] == [{"learning_rate": [0.001, 0.0003]},
+                                                   {"mixup": [0.2, 0.0]}]
+
+
+def test_every_setting_says_how_a_resume_treats_it():
+    import dataclasses
+
+    from keras_vit.training.config import FREE, MAY_CHANGE, MUST_MATCH, TrainConfig
+
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("resume") in (MUST_MATCH, MAY_CHANGE, FREE), field.name
+        assert field.metadata.get("help"), field.name
+    by_policy = {f.name: f.metadata["resume"] for f in dataclasses.fields(TrainConfig)}
+    # What shapes the weights or the batch stream must match; the recipe may change; the way
+    # the run is carried out is free.
+    for name in ("data", "variant", "image_size", "patch_size", "depth", "batch_size",
+                 "epochs", "seed", "weights", "validation_split", "test_split", "optimizer"):
+        assert by_policy[name] == MUST_MATCH, name
+    for name in ("learning_rate", "weight_decay", "mixup", "dropout", "label_smoothing"):
+        assert by_policy[name] == MAY_CHANGE, name
+    for name in ("out", "strategy", "precision", "verbose", "micro_batches", "export"):
+        assert by_policy[name] == FREE, name
 
 
 def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
-    from keras_vit.train import choose_run_dir
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import choose_run_dir
 
     out = tmp_path / "run"
     out.mkdir()  # stopped before its first backup: nothing trained, nothing to keep
     (out / "config.json").write_text(json.dumps({"finished": False, "variant": "S/16"}))
     (out / "history.csv").write_text("epoch,loss\n0,nan\n")  # e.g. a NaN in the first steps
     (out / "logs").mkdir()
-    assert choose_run_dir({"out": str(out), "data": "digits", "variant": "Ti/16"}) == (out, False)
+    assert choose_run_dir(TrainConfig(out=str(out), variant="Ti/16").resolved()) == (
+        out, False, [])
     assert not (out / "history.csv").exists() and not (out / "logs").exists()
 
 
@@ -215,20 +243,23 @@ def test_an_unfinished_run_without_a_backup_is_started_afresh(tmp_path):
     (["--image-size", "9"], r"not divisible by the patch size 2.* Here: --image-size "
                             r"HEIGHTxWIDTH \(now 9x9\), or another --patch-size or --variant\."),
     (["--data", "folder:/no/such/folder"], "does not exist"),
-    (["--test-split", "0"], "--test-split 0.0 is not a fraction"),
+    (["--test-split", "0"], r"--test-split must be > 0, got 0.0 \(held-out test fraction"),
     (["--validation-split", "0.5", "--test-split", "0.5"], "leave no training images"),
-    (["--crop-area", "0"], "--crop-area 0.0 is not an area fraction.*1: no crop"),
-    (["--cpu-devices", "2"], "cpu_devices=2 applies to the 'mirrored' strategy only"),
+    (["--crop-area", "0"], r"--crop-area must be > 0, got 0.0 \(random resized .*1: off"),
+    (["--cpu-devices", "2"], "--cpu-devices 2 applies to the 'mirrored' strategy only"),
     (["--weights", "/no/such/checkpoint.npz"], "No checkpoint file '/no/such/checkpoint.npz'"),
     (["--weights", "augreg_in21k"], "No published 'augreg_in21k' checkpoint for variant 'Ti/2'"),
 ])
-def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message):
+def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, flags, message,
+                                                                      capsys):
     from keras_vit import cli
 
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=message):
-        cli.main(["train", "--out", str(out), *TINY, *flags])
-    assert not (out / "config.json").exists()  # so the corrected command starts afresh
+    assert cli.main(["train", "--out", str(out), *TINY, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keras-vit train: error: ") and re.search(message, err), err
+    assert "Traceback" not in err
+    assert not out.exists()  # nothing left behind: the corrected command starts afresh
 
 
 def test_a_model_of_one_token_is_warned_about(tmp_path, capsys):
@@ -240,46 +271,45 @@ def test_a_model_of_one_token_is_warned_about(tmp_path, capsys):
             "nothing to relate. Use a smaller --patch-size") in capsys.readouterr().err
 
 
-def test_weights_that_cannot_be_downloaded_stop_with_what_to_do(tmp_path, monkeypatch):
+def test_weights_that_cannot_be_downloaded_stop_with_what_to_do(tmp_path, monkeypatch,
+                                                                 capsys):
     from keras_vit import cli
 
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras"))  # nothing cached
     monkeypatch.setenv("KERAS_VIT_CHECKPOINT_MIRROR", "http://127.0.0.1:9/")  # nothing listens
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"keras-vit train: Download of http://127\.0\.0\.1:9/"
-                                         r".* failed: .*Offline\? .*--weights PATH"):
-        cli.main(["train", "--out", str(out), "--variant", "Ti/16", "--image-size", "32",
-                  "--depth", "1", "--weights", "augreg_in21k", "--no-export", "--verbose", "0"])
-    assert not (out / "config.json").exists()
+    assert cli.main(["train", "--out", str(out), "--variant", "Ti/16", "--image-size", "32",
+                     "--depth", "1", "--weights", "augreg_in21k", "--no-export",
+                     "--verbose", "0"]) == 2
+    assert re.search(r"keras-vit train: error: Download of http://127\.0\.0\.1:9/.* failed: "
+                     r".*Offline\? .*--weights PATH", capsys.readouterr().err)
+    assert not out.exists()
 
 
-def test_a_checkpoint_that_does_not_fit_stops_naming_the_depth(tmp_path):
+def test_a_checkpoint_that_does_not_fit_stops_naming_the_depth(tmp_path, capsys):
     import keras_vit
     from keras_vit import cli
     from keras_vit.checkpoints import save_npz
 
     deeper = keras_vit.build("Ti/16", image_size=8, patch_size=2, depth=2, num_classes=10)
     save_npz(deeper, tmp_path / "deeper.npz")
-    with pytest.raises(SystemExit, match=r"(?s)keras-vit train: Checkpoint .*deeper\.npz.* does "
-                                         r"not fit.*The checkpoint has 2 encoder blocks and the "
-                                         r"model 1: build it with depth=2 \(keras-vit train: --depth 2\)"):
-        cli.main(["train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "1",
-                  "--weights", str(tmp_path / "deeper.npz")])
+    assert cli.main(["train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "1",
+                     "--weights", str(tmp_path / "deeper.npz")]) == 2
+    assert re.search(r"(?s)keras-vit train: error: Checkpoint .*deeper\.npz.* does not fit.*The "
+                     r"checkpoint has 2 encoder blocks and the model 1: build it with depth=2 "
+                     r"\(keras-vit train: --depth 2\)", capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
 
 
 def test_digits_defaults_shape_only_the_default_variant():
-    import argparse
+    from keras_vit.training.config import TrainConfig
 
-    from keras_vit.train import add_arguments, resolve_config
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    default = resolve_config(parser.parse_args([]))
-    assert (default["variant"], default["patch_size"], default["depth"]) == ("R+Ti/16", 1, 6)
-    chosen = resolve_config(parser.parse_args(["--variant", "S/16", "--image-size", "32"]))
-    assert (chosen["variant"], chosen["patch_size"], chosen["depth"]) == ("S/16", None, None)
-    same = resolve_config(parser.parse_args(["--variant", "R+Ti/16"]))
-    assert (same["patch_size"], same["depth"]) == (1, 6)
+    default = TrainConfig().resolved()
+    assert (default.variant, default.patch_size, default.depth) == ("R+Ti/16", 1, 6)
+    chosen = TrainConfig(variant="S/16", image_size="32").resolved()
+    assert (chosen.variant, chosen.patch_size, chosen.depth) == ("S/16", None, None)
+    same = TrainConfig(variant="R+Ti/16").resolved()
+    assert (same.patch_size, same.depth) == (1, 6)
 
 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
@@ -299,7 +329,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
 
 
 def test_missing_tfds_dataset_fails_fast_with_how_to_prepare_it(tmp_path):
-    from keras_vit.data import DataError, load_data
+    from keras_vit.training.data import DataError, load_data
 
     start = time.time()
     with pytest.raises(DataError, match=r"not prepared.*tfds build cifar10"):
@@ -334,7 +364,8 @@ def _prepare_tfds_dataset(data_dir, name, with_test=True):
 
 
 def test_a_prepared_tfds_dataset_loads_by_name_with_its_splits_and_classes(tmp_path):
-    from keras_vit.data import load_data, resize_image
+    from keras_vit.images import resize_image
+    from keras_vit.training.data import load_data
 
     gray, labels = _prepare_tfds_dataset(tmp_path, "tiny_digits")
     data = load_data("tfds:tiny_digits", (16, 16), data_dir=str(tmp_path),
@@ -350,7 +381,7 @@ def test_a_prepared_tfds_dataset_loads_by_name_with_its_splits_and_classes(tmp_p
 
 
 def test_a_tfds_dataset_without_a_test_split_holds_one_out_of_train(tmp_path):
-    from keras_vit.data import load_data
+    from keras_vit.training.data import load_data
 
     _, labels = _prepare_tfds_dataset(tmp_path, "train_only_digits", with_test=False)
     data = load_data("tfds:train_only_digits", (8, 8), data_dir=str(tmp_path),
@@ -381,7 +412,7 @@ def test_train_runs_on_a_prepared_tfds_dataset_in_a_fresh_process(tmp_path):
 
 
 def test_unknown_data_spec_says_what_is_accepted():
-    from keras_vit.data import DataError, load_data
+    from keras_vit.training.data import DataError, load_data
 
     with pytest.raises(DataError, match="digits.*folder:PATH.*tfds:NAME"):
         load_data("mnist", (32, 32))
@@ -389,12 +420,13 @@ def test_unknown_data_spec_says_what_is_accepted():
 
 def test_adamw_skips_decay_on_biases_norms_class_token_and_positions():
     import keras_vit
-    from keras_vit.train import build_optimizer
+    from keras_vit.training.trainer import build_optimizer
 
     model = keras_vit.build("Ti/16", image_size=8, patch_size=4, depth=1, num_classes=3)
-    optimizer = build_optimizer(dict(epochs=2, learning_rate=1e-3, warmup_epochs=1,
-                                     schedule="cosine", optimizer="adamw", weight_decay=0.1,
-                                     clip_norm=1.0, momentum=0.9), steps_per_epoch=10)
+    from keras_vit.training.config import TrainConfig
+
+    optimizer = build_optimizer(TrainConfig(epochs=2, learning_rate=1e-3, warmup_epochs=1,
+                                            weight_decay=0.1).resolved(), steps_per_epoch=10)
     optimizer.build(model.trainable_variables)
     decayed = {v.path for v in model.trainable_variables if optimizer._use_weight_decay(v)}
     assert decayed == {v.path for v in model.trainable_variables
@@ -407,21 +439,24 @@ def test_adamw_skips_decay_on_biases_norms_class_token_and_positions():
 def test_xla_is_off_by_default_for_bfloat16_on_cpus_alone():
     import tensorflow as tf
 
-    from keras_vit.train import pick_jit_compile
+    from keras_vit.training.trainer import pick_jit_compile
+
+    from keras_vit.errors import ConfigError
+    from keras_vit.training.config import TrainConfig
 
     strategy = tf.distribute.get_strategy()  # this machine: CPUs only
     assert not tf.config.list_physical_devices("GPU")
-    auto = {"jit_compile": "auto"}
+    auto, on, off = (TrainConfig(jit_compile=value) for value in ("auto", "on", "off"))
     assert pick_jit_compile(auto, "float32", strategy)
     # XLA's CPU backend computes bfloat16 matmuls slowly; the TF graph runs oneDNN's kernels.
     assert not pick_jit_compile(auto, "mixed_bfloat16", strategy)
-    assert pick_jit_compile({"jit_compile": "on"}, "mixed_bfloat16", strategy)
-    assert not pick_jit_compile({"jit_compile": "off"}, "float32", strategy)
+    assert pick_jit_compile(on, "mixed_bfloat16", strategy)
+    assert not pick_jit_compile(off, "float32", strategy)
     # Several replicas: Keras compiles each replica's step for one device (XLA fails there).
     two_replicas = type("Strategy", (), {"num_replicas_in_sync": 2})()
     assert not pick_jit_compile(auto, "float32", two_replicas)
-    with pytest.raises(SystemExit, match="--jit-compile on does not run with 2 replicas on CPUs"):
-        pick_jit_compile({"jit_compile": "on"}, "float32", two_replicas)
+    with pytest.raises(ConfigError, match="--jit-compile on does not run with 2 replicas on CPUs"):
+        pick_jit_compile(on, "float32", two_replicas)
 
 
 def test_micro_batches_flag():
@@ -429,7 +464,9 @@ def test_micro_batches_flag():
 
     import tensorflow as tf
 
-    from keras_vit.train import add_arguments, pick_micro_batches
+    from keras_vit.cli.train import add_arguments
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import pick_micro_batches
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -439,10 +476,10 @@ def test_micro_batches_flag():
         with pytest.raises(SystemExit):
             parser.parse_args(["--micro-batches", bad])
     strategy = tf.distribute.get_strategy()  # CPUs only
-    auto = {"micro_batches": "auto"}
+    auto = TrainConfig(micro_batches="auto")
     assert pick_micro_batches(auto, 128, 65, strategy) == 4  # the benchmark's training config
     assert pick_micro_batches(auto, 64, 17, strategy) == 1   # the digits default
-    assert pick_micro_batches({"micro_batches": 3}, 64, 17, strategy) == 3
+    assert pick_micro_batches(TrainConfig(micro_batches=3), 64, 17, strategy) == 3
 
 
 def test_warmup_then_cosine_schedule():
@@ -460,7 +497,7 @@ def test_warmup_then_cosine_schedule():
 def test_augmentation_keeps_range_and_mixes_labels():
     import tensorflow as tf
 
-    from keras_vit.augment import AugmentConfig, make_augmenter
+    from keras_vit.training.augment import AugmentConfig, make_augmenter
 
     images = tf.cast(tf.random.uniform((16, 16, 16, 3), 0, 256, dtype=tf.int32), tf.uint8)
     labels = tf.range(16) % 4
@@ -496,7 +533,7 @@ def test_fine_tunes_a_checkpoint_at_a_new_resolution_with_the_sgd_preset(tmp_pat
     assert config["optimizer"] == "sgd" and config["weight_decay"] == 0.0
     model = keras.saving.load_model(out / "model.keras")
     # The 2x2 grid was resampled to 4x4; the 1000-class head was replaced by a 10-class one.
-    assert model.get_layer("patch_encoder").pos_embedding.shape == (1, 17, 192)
+    assert model.patch_encoder.pos_embedding.shape == (1, 17, 192)
     assert model.output_shape == (None, 10)
 
 
@@ -508,8 +545,8 @@ def test_a_resumed_run_trains_on_the_batches_it_would_have_seen(cache, crop_area
     # examples they skip (before, that was the whole run's decoding again).
     import tensorflow as tf
 
-    from keras_vit.data import Data, training_batches
-    from keras_vit.train import fit_segments
+    from keras_vit.training.data import Data, training_batches
+    from keras_vit.training.trainer import fit_segments
 
     # Example n: a 6x6 image of value n with a brighter top-left quarter (crops differ).
     images = np.repeat(np.arange(40, dtype=np.uint8)[:, None, None, None], 6, axis=1)
@@ -551,7 +588,7 @@ def test_a_resumed_run_trains_on_the_batches_it_would_have_seen(cache, crop_area
     # Uncached, the resumed run decodes what it trains on (8 batches) and a little read-ahead;
     # cached, it fills the cache once per pipeline (each decoded image is needed for it).
     assert decodes <= (8 * 8 + 16 if not cache else 2 * 40)
-    from keras_vit.data import resize_image
+    from keras_vit.images import resize_image
 
     def by_label(epoch):
         return {int(label): image for images_, labels_ in uninterrupted[5 * epoch:5 * epoch + 5]
@@ -569,20 +606,23 @@ def test_a_resumed_run_trains_on_the_batches_it_would_have_seen(cache, crop_area
 
 
 def _tiny_compiled(policy):
-    from keras_vit.train import build_optimizer
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import build_optimizer
 
-    keras.mixed_precision.set_global_policy(policy)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4),
-                              keras.layers.Activation("linear", dtype="float32")])
-    config = dict(epochs=2, warmup_epochs=0, learning_rate=1e-3, schedule="cosine",
-                  optimizer="adamw", weight_decay=0.1, clip_norm=1.0, momentum=0.9)
+    inputs = keras.Input((8,))
+    outputs = keras.layers.Activation("linear", dtype="float32")(
+        keras.layers.Dense(4, dtype=policy)(inputs))
+    model = keras.Model(inputs, outputs)
+    model.dtype_policy = keras.dtype_policies.get(policy)  # compile wraps a loss-scale optimizer
+    config = TrainConfig(epochs=2, warmup_epochs=0, learning_rate=1e-3,
+                         weight_decay=0.1).resolved()
     model.compile(optimizer=build_optimizer(config, 8), loss="mse", jit_compile=False)
     model.optimizer.build(model.trainable_variables)
     return model
 
 
 def test_a_backup_whose_optimizer_state_does_not_fit_is_refused(tmp_path):
-    from keras_vit.callbacks import RunBackup
+    from keras_vit.training.callbacks import RunBackup
 
     x, y = np.random.default_rng(0).random((64, 8), "float32"), np.zeros((64, 4), "float32")
     model = _tiny_compiled("mixed_float16")  # a loss-scale optimizer: more variables
@@ -607,7 +647,7 @@ def test_step_backups_are_counted_from_the_last_backup_epoch_ends_included(tmp_p
     # backup would write the whole state again for almost nothing.
     import h5py
 
-    from keras_vit.callbacks import RunBackup
+    from keras_vit.training.callbacks import RunBackup
 
     latest = tmp_path / "backup" / "latest.weights.h5"
 
@@ -643,7 +683,7 @@ def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):
     # The loss-scale optimizer skips updates whose float16 gradients overflow (the first two
     # batches here), so its step count lags the batches trained: resuming by it would train
     # on two batches again.
-    from keras_vit.callbacks import RunBackup
+    from keras_vit.training.callbacks import RunBackup
 
     rng = np.random.default_rng(0)
     x, y = rng.random((64, 8), "float32"), np.zeros((64, 4), "float32")
@@ -666,7 +706,7 @@ def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):
     # A corrupt latest file (a disk error; a kill cannot leave one, the new file replaces
     # the old at once): Keras falls back to the previous backup, with its own count.
     backup.batches_trained = 9
-    backup._save_model()  # latest: 9 batches, the previous (.bkp): 8
+    backup.save()  # latest: 9 batches, the previous (.bkp): 8
     assert RunBackup(tmp_path / "backup", save_freq=1).restore(
         _tiny_compiled("mixed_float16")) == 9
     weights = tmp_path / "backup" / "latest.weights.h5"
@@ -676,31 +716,30 @@ def test_resume_counts_batches_not_updates_under_mixed_float16(tmp_path):
 
 
 def test_weights_made_non_finite_by_an_update_are_not_backed_up(tmp_path):
-    from keras_vit.callbacks import RunBackup
+    from keras_vit.training.callbacks import RunBackup
 
     model = _tiny_compiled("float32")
     backup = RunBackup(tmp_path / "backup", save_freq=1)
     backup.restore(model)
-    backup._save_model()
+    backup.save()
     saved = (tmp_path / "backup" / "latest.weights.h5").read_bytes()
-    kernel = model.layers[0].kernel
+    kernel = model.layers[1].kernel
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))  # finite loss logged, NaN update
-    backup._save_model()
+    backup.save()
     assert (tmp_path / "backup" / "latest.weights.h5").read_bytes() == saved
 
 
 def test_workers_that_restored_different_backups_stop_with_the_fix(tmp_path, monkeypatch):
     # A multi-worker job killed while its workers wrote a backup: one resumes ahead of the
     # other, which would hang in the collectives; stop before training, saying what to do.
-    import argparse
+    from keras_vit.errors import ResumeError
+    from keras_vit.training import distribute
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.trainer import train
 
-    from keras_vit import distribute
-    from keras_vit.train import add_arguments, resolve_config, train
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    config = resolve_config(parser.parse_args(["--out", str(tmp_path / "run"), *TINY]))
+    config = TrainConfig(out=str(tmp_path / "run"), variant="Ti/16", image_size=8, patch_size=2,
+                         depth=1, batch_size=32, jit_compile="off", export=False, verbose=0)
     monkeypatch.setattr(distribute, "values_across_workers", lambda value, strategy: [50, 100])
-    with pytest.raises(SystemExit, match=r"restored different backups \(batches trained, one "
-                                         r"per replica: \[50, 100\];.*latest\.weights\.h5\.bkp"):
+    with pytest.raises(ResumeError, match=r"restored different backups \(batches trained, one "
+                                          r"per replica: \[50, 100\];.*latest\.weights\.h5\.bkp"):
         train(config)

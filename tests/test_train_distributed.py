@@ -97,7 +97,7 @@ def _fingerprint_of_saved_model(run_dir):
     import keras
 
     import keras_vit  # noqa: F401  registers the layers
-    from keras_vit.train import weights_fingerprint
+    from keras_vit.training.trainer import weights_fingerprint
 
     # compile=False: only the weights matter here (and the optimizer's WarmupDecay schedule
     # is registered by importing keras_vit.schedules, which `import keras_vit` does not do).
@@ -219,7 +219,7 @@ def test_multi_worker_workers_end_with_the_chiefs_saved_weights(multi_worker_run
 
 def test_weights_fingerprint_tells_weights_apart():
     import keras_vit
-    from keras_vit.train import weights_fingerprint
+    from keras_vit.training.trainer import weights_fingerprint
 
     model = keras_vit.build("Ti/16", image_size=8, patch_size=4, depth=1, num_classes=3)
     before = weights_fingerprint(model)

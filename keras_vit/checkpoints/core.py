@@ -18,15 +18,12 @@ import warnings
 import keras
 import numpy as np
 
+from keras_vit.errors import CheckpointError
 from keras_vit.checkpoints.resample import (posemb_sincos_2d, resample_position_embeddings,
                                             square_grid)
 
 POSEMB = "Transformer/posembed_input/pos_embedding"
 POSEMB_GRID = "keras_vit/posemb_grid"  # (rows, cols), written by save_npz for non-square grids
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, or does not fit the model (names keys and shapes)."""
 
 
 class CheckpointWarning(UserWarning):
@@ -60,8 +57,10 @@ class Checkpoint:
     """
 
     def __init__(self, params, *, path, layout, gelu, namer=None, sincos2d=False, ignored=(),
-                 grid=None):
+                 grid=None, normalization="vit"):
         self.params = dict(params)
+        # How the images it was trained on were scaled ("vit": [-1, 1]; DeiT's: "imagenet").
+        self.normalization = normalization
         self.grid = tuple(int(n) for n in grid) if grid is not None else None
         self.path = str(path)
         self.layout = layout
@@ -81,6 +80,11 @@ class Checkpoint:
         return "cls" in self.params
 
     @property
+    def distilled(self):
+        """Whether it is a distilled DeiT (a distillation token and head)."""
+        return "dist" in self.params
+
+    @property
     def representation_size(self):
         entry = self.params.get("pre_logits/kernel")
         return None if entry is None else int(entry.array.shape[-1])
@@ -97,7 +101,12 @@ class Checkpoint:
         if entry is None:
             return None
         table = entry.array if entry.array.ndim == 3 else entry.array[None]
-        return self.grid or square_grid(table.shape[1] - int(self.class_token))
+        return self.grid or square_grid(table.shape[1] - self.num_prefix_tokens)
+
+    @property
+    def num_prefix_tokens(self):
+        """Position entries before the patches': class token, DeiT's distillation token."""
+        return int(self.class_token) + int(self.distilled)
 
     @property
     def depth(self):
@@ -125,10 +134,15 @@ class Checkpoint:
 # The model side: canonical key -> (variable, canonical shape).
 
 
-def _model_parts(model):
-    from keras_vit.model import _encoder_layers  # the same check feature_model uses
-
-    return _encoder_layers(model)
+def _vit(model):
+    """`model` if it has a ViT's parts (a `keras_vit.ViT`), else a TypeError. (Duck-typed:
+    the model module imports the checkpoint readers, not the other way round.)"""
+    parts = ("patches", "patch_encoder", "blocks", "encoder_norm", "pre_logits", "head")
+    if all(hasattr(model, part) for part in parts):
+        return model
+    raise TypeError(f"Checkpoints load into a keras_vit.ViT (keras_vit.build or "
+                    f"keras_vit.load_model), not {type(model).__name__} "
+                    f"{getattr(model, 'name', '')!r}.")
 
 
 def _stem_targets(stem, targets):
@@ -156,8 +170,8 @@ def model_targets(model):
     """
     from keras_vit.layers.resnet import ResNetStem
 
-    layers, blocks = _model_parts(model)
-    stem, encoder = layers["patches"], layers["patch_encoder"]
+    model = _vit(model)
+    stem, encoder = model.patches, model.patch_encoder
     raw = {}
     if isinstance(stem, ResNetStem):
         _stem_targets(stem, raw)
@@ -169,7 +183,9 @@ def model_targets(model):
     raw["embedding/bias"] = encoder.bias
     if encoder.class_token:
         raw["cls"] = encoder.cls
-    for i, block in enumerate(blocks):
+    if encoder.distillation_token:
+        raw["dist"] = encoder.dist
+    for i, block in enumerate(model.blocks):
         p = f"Transformer/encoderblock_{i}/"
         att, mlp = block.attention, block.mlp
         raw[p + "LayerNorm_0/scale"] = block.norm_1.gamma
@@ -185,19 +201,21 @@ def model_targets(model):
         for d, dense in enumerate((mlp.dense_0, mlp.dense_1)):
             raw[p + f"MlpBlock_3/Dense_{d}/kernel"] = dense.kernel
             raw[p + f"MlpBlock_3/Dense_{d}/bias"] = dense.bias
-    norm = layers["encoder_norm"]
+    norm = model.encoder_norm
     raw["Transformer/encoder_norm/scale"] = norm.gamma
     raw["Transformer/encoder_norm/bias"] = norm.beta
-    for name in ("pre_logits", "head"):
-        if name in layers:
-            raw[f"{name}/kernel"], raw[f"{name}/bias"] = layers[name].kernel, layers[name].bias
+    heads = (("pre_logits", model.pre_logits), ("head", model.head),
+             ("head_dist", getattr(model, "head_dist", None)))
+    for name, layer in heads:
+        if layer is not None:
+            raw[f"{name}/kernel"], raw[f"{name}/bias"] = layer.kernel, layer.bias
     targets = {}
     for key, value in raw.items():
         variable, shape = value if isinstance(value, tuple) else (value, None)
         targets[key] = (variable, tuple(shape or variable.shape))
-    info = {"grid": tuple(stem.grid), "class_token": encoder.class_token,
+    info = {"grid": tuple(stem.grid), "prefix_tokens": encoder.num_prefix_tokens,
             "pos_embedding": encoder.pos_embedding, "width": width,
-            "has_head": "head" in layers}
+            "has_head": model.head is not None}
     return targets, info
 
 
@@ -242,11 +260,11 @@ def _position_embeddings(checkpoint, params, info, interpolation, source_grid, p
     """The model's position table from the checkpoint's, resampled to the model's grid."""
     variable = info["pos_embedding"]
     shape = tuple(variable.shape)
-    grid, has_cls = info["grid"], info["class_token"]
+    grid, prefix = info["grid"], info["prefix_tokens"]
     if checkpoint.sincos2d:
         table = posemb_sincos_2d(grid[0], grid[1], info["width"])
-        if has_cls:  # big_vision adds position embeddings before the class token
-            table = np.concatenate([np.zeros((1, 1, table.shape[-1]), np.float32), table], 1)
+        if prefix:  # big_vision adds position embeddings before the class token
+            table = np.concatenate([np.zeros((1, prefix, table.shape[-1]), np.float32), table], 1)
         return table
     entry = params.pop(POSEMB, None)
     if entry is None:
@@ -256,15 +274,15 @@ def _position_embeddings(checkpoint, params, info, interpolation, source_grid, p
     table = np.asarray(entry.array, np.float32)
     if table.ndim == 2:
         table = table[None]
-    slot = 1 if checkpoint.class_token else 0
-    cells = table.shape[1] - slot
+    slots = checkpoint.num_prefix_tokens
+    cells = table.shape[1] - slots
     if table.shape[-1] != shape[-1]:
         problems.append(f"shape mismatch: {_describe(entry)}; the model expects {shape}")
         return None
     old_grid = (tuple(source_grid) if source_grid is not None
                 else checkpoint.grid or square_grid(cells))
     same_grid = old_grid is None or old_grid == grid
-    if table.shape[1] == shape[1] and same_grid and slot == int(has_cls):
+    if table.shape[1] == shape[1] and same_grid and slots == prefix:
         return table
     if old_grid is None:
         problems.append(
@@ -273,11 +291,14 @@ def _position_embeddings(checkpoint, params, info, interpolation, source_grid, p
             "source_grid=(rows, cols)")
         return None
     table = resample_position_embeddings(table, grid, old_grid=old_grid,
-                                         num_prefix_tokens=slot, method=interpolation)
-    if slot and not has_cls:
-        table = table[:, 1:]  # GAP model: no class token (the "cls" key is reported as extra)
-    elif has_cls and not slot:
-        table = np.concatenate([np.zeros_like(table[:, :1]), table], axis=1)
+                                         num_prefix_tokens=slots, method=interpolation)
+    # A model with fewer leading tokens (GAP: none) drops their entries (the "cls" / "dist"
+    # keys are reported as extra); one with more starts them from zeros.
+    if slots > prefix:
+        table = np.concatenate([table[:, :prefix], table[:, slots:]], axis=1)
+    elif prefix > slots:
+        table = np.concatenate([table[:, :slots], np.zeros_like(table[:, :prefix - slots]),
+                                table[:, slots:]], axis=1)
     return table
 
 
@@ -316,7 +337,7 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
     targets, info = model_targets(model)
     params = dict(checkpoint.params)
     problems, extras, assignments = [], [], []
-    forms = {block.gelu for block in _model_parts(model)[1]}
+    forms = {block.gelu for block in _vit(model).blocks}
     if forms and forms != {checkpoint.gelu}:
         _warn(f"{checkpoint.path} was trained with the {checkpoint.gelu!r} GELU but the model "
               f"uses {sorted(forms)}: outputs will differ slightly; build it with "
@@ -389,7 +410,7 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
     if shape_problems or (strict and (missing or extras)):
         listed = shape_problems + (missing + extras if strict else [])
         more = f"\n  ... and {len(listed) - 25} more" if len(listed) > 25 else ""
-        blocks = len(_model_parts(model)[1])
+        blocks = len(model.blocks)
         depth = (f"\nThe checkpoint has {checkpoint.depth} encoder blocks and the model "
                  f"{blocks}: build it with depth={checkpoint.depth} (keras-vit train: --depth "
                  f"{checkpoint.depth})."

@@ -36,9 +36,9 @@ import base64
 import hashlib
 import http.client
 import json
+import logging
 import os
 import re
-import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -286,7 +286,8 @@ def download(url, target, *, sha256=None, progress=True, timeout=60):
                 expected_md5 = _goog_md5(response.headers)
                 if progress:
                     size = f" ({length / 1e6:.1f} MB)" if length else ""
-                    print(f"Downloading {url}{size} -> {target}", file=sys.stderr, flush=True)
+                    logging.getLogger("keras_vit.checkpoints").info(
+                        f"Downloading {url}{size} -> {target}")
                 while True:
                     chunk = response.read(1 << 20)
                     if not chunk:

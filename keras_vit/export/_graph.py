@@ -1,9 +1,9 @@
 """The inference graph every format is exported from, and the TF Serving SavedModel.
 
-All formats take RGB pixels in [0, 255] and return class probabilities. The preprocessing
-is `keras_vit.preprocess`, the function training's pipeline matches, traced into the graph:
-the SavedModel resizes any size to the model's (bilinear, antialiased, rounded to whole
-pixel values) and scales to [-1, 1]; the fixed-size formats only scale.
+All formats take RGB pixels in [0, 255] and return class probabilities. The preprocessing is
+`keras_vit.images`' (the training pipeline's), traced into the graph: the SavedModel
+decodes, resizes any size to the model's (bilinear, antialiased, rounded to whole pixel
+values) and normalises; the fixed-size formats only normalise.
 """
 
 from pathlib import Path
@@ -11,13 +11,8 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from keras_vit import images as image_path
 from keras_vit.model import class_probabilities
-from keras_vit.preprocessing import preprocess
-
-IMAGE_FORMATS = "JPEG, PNG, BMP or GIF"
-# First bytes of each format tf.io.decode_image reads.
-_MAGIC = ((b"\xff\xd8\xff", 3), (b"\x89PNG", 4), (b"GIF8", 4), (b"BM", 2))
-NOT_AN_IMAGE = "is not a decodable image: expected " + IMAGE_FORMATS + " bytes"
 
 SERVING_DEFAULT = "serving_default"
 FLOAT_SIGNATURE = "predict_images"
@@ -29,57 +24,53 @@ class InferenceModel(keras.Model):
     """Pixels in [0, 255] at the model size -> class probabilities, always in inference mode.
 
     Args:
-        model: the trained model (inputs in [-1, 1], outputs logits).
+        model: the trained model (normalised inputs, outputs logits or probabilities).
         image_size: (height, width) the model takes.
+        normalization: how the model's inputs are scaled (`keras_vit.images.Normalization`).
+        outputs_probabilities: whether the model's outputs already are probabilities.
     """
 
-    def __init__(self, model, image_size, **kwargs):
+    def __init__(self, model, image_size, normalization="vit", outputs_probabilities=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.model = model
         self.image_size = tuple(int(s) for s in image_size)
+        self.normalization = image_path.as_normalization(normalization)
+        self.outputs_probabilities = outputs_probabilities
 
     def call(self, pixels):
-        return self.classify(preprocess(pixels))  # [0, 255] -> [-1, 1]
+        return self.classify(image_path.normalize(pixels, self.normalization))
 
     def classify(self, normalized):
-        """[-1, 1] images at the model size -> probabilities (float32)."""
-        return class_probabilities(self.model, self.model(normalized, training=False))
+        """Normalised images at the model size -> probabilities (float32)."""
+        return class_probabilities(self.model, self.model(normalized, training=False),
+                                   self.outputs_probabilities)
 
 
-def is_image_bytes(data):
-    """Whether `data` starts like a JPEG, PNG, GIF or BMP file (what decode_image reads)."""
-    return any(data[:n] == magic for magic, n in _MAGIC)
+def inputs_from_pixels(images, image_size, normalization):
+    """What the serving signatures feed the model from pixels (uint8 or float, any size):
+    the training pipeline's resize and normalisation (`keras_vit.images`)."""
+    return image_path.normalize(image_path.resize_pixels(images, image_size), normalization)
 
 
-def decode_image_tf(data, index=None):
-    """Encoded image bytes (scalar string) -> uint8 RGB `(h, w, 3)`, in-graph.
+def inputs_from_bytes(image_bytes, image_size, normalization):
+    """What `serving_default` feeds the model from a batch of encoded images: each decoded
+    (checked: bytes that are not an image name their index), then as `inputs_from_pixels`."""
+    def one(args):
+        data, index = args
+        return inputs_from_pixels(image_path.decode_image_checked(data, index), image_size,
+                                  normalization)
 
-    Bytes that are not JPEG/PNG/GIF/BMP raise InvalidArgumentError saying the input is
-    not a decodable image (and its index in the batch); grey, palette and RGBA images
-    become RGB; a GIF gives its first frame.
-    """
-    ok = tf.reduce_any([tf.equal(tf.strings.substr(data, 0, n), magic) for magic, n in _MAGIC])
-    where = "input" if index is None else tf.strings.format("image_bytes[{}]", index)
-    check = tf.debugging.Assert(ok, [tf.strings.join([where, " " + NOT_AN_IMAGE])])
-    with tf.control_dependencies([check]):
-        image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def resize_pixels(images, image_size):
-    """Pixels (uint8 or float, any size) -> float32 pixels at `image_size` as training sees
-    them: `keras_vit.preprocess`'s bilinear antialiased resize, rounded to whole values."""
-    normalized = preprocess(images, image_size)
-    return keras.ops.round((normalized + 1.0) * 127.5)  # exact: preprocess rounds, then /127.5
+    return tf.map_fn(one, (image_bytes, tf.range(tf.shape(image_bytes)[0])),
+                     fn_output_signature=tf.TensorSpec((*image_size, 3), tf.float32))
 
 
 def serving_functions(infer, class_names, top_k=5):
     """The signature functions of the SavedModel: (from_bytes, from_pixels).
 
-    Both preprocess with `keras_vit.preprocess(images, image_size)` (resize to the model
-    size, round, scale to [-1, 1]), as training does, and then share one traced function
-    for the model, so the model is traced once, not once per signature.
+    Both preprocess as training does (`inputs_from_bytes`, `inputs_from_pixels`) and then
+    share one traced function for the model, so the model is traced once, not once per
+    signature.
     """
     image_size = infer.image_size
     k = min(int(top_k), len(class_names))
@@ -93,18 +84,11 @@ def serving_functions(infer, class_names, top_k=5):
         return {"probabilities": probabilities, "top_k_scores": scores,
                 "top_k_indices": indices, "top_k_labels": tf.gather(labels, indices)}
 
-    def decode_and_preprocess(args):
-        data, index = args
-        return preprocess(decode_image_tf(data, index), image_size)
-
     def from_bytes(image_bytes):
-        n = tf.shape(image_bytes)[0]
-        normalized = tf.map_fn(decode_and_preprocess, (image_bytes, tf.range(n)),
-                               fn_output_signature=tf.TensorSpec((*image_size, 3), tf.float32))
-        return classify(normalized)
+        return classify(inputs_from_bytes(image_bytes, image_size, infer.normalization))
 
     def from_pixels(images):
-        return classify(preprocess(images, image_size))
+        return classify(inputs_from_pixels(images, image_size, infer.normalization))
 
     return from_bytes, from_pixels
 

@@ -2,12 +2,9 @@
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
-
-class ExportVerificationError(RuntimeError):
-    """An exported file does not give the answers the Keras model gives (or does not load)."""
+from keras_vit.errors import ExportVerificationError  # noqa: F401  (re-exported)
 
 
 @dataclasses.dataclass
@@ -49,6 +46,10 @@ class ExportReport:
     image_size: tuple
     num_test_images: int
     verified: bool
+    checked_on: str = "held-out images"  # or "images made here" (none were given)
+    # What the export chose or noticed (made-up check images, a skipped int8 file, outputs
+    # that barely vary): the table's notes, and report.json's.
+    notes: list = dataclasses.field(default_factory=list)
     results: list = dataclasses.field(default_factory=list)
 
     def result(self, format_name):
@@ -110,18 +111,16 @@ def format_report(report):
     out = [f"Export {report.name!r} -> {report.out_dir}  "
            f"({len(report.class_names)} classes, image size "
            f"{report.image_size[0]}x{report.image_size[1]}, "
-           + (f"verified on {report.num_test_images} held-out images)" if report.verified
+           + (f"verified on {report.num_test_images} {report.checked_on})" if report.verified
               else "NOT verified)"),
            line.format(*headers), line.format(*("-" * w for w in widths))]
     out += [line.format(*row) for row in rows]
-    notes = [f"  {r.format}: " + "; ".join(x for x in (f"FAILED: {r.error}" if r.error else "",
-                                                      r.notes) if x)
-             for r in report.results if r.notes or r.error]
+    notes = [f"  {note}" for note in report.notes]
+    notes += [f"  {r.format}: " + "; ".join(x for x in (f"FAILED: {r.error}" if r.error else "",
+                                                       r.notes) if x)
+              for r in report.results if r.notes or r.error]
     if notes:
         out += ["notes:"] + notes
     return "\n".join(out)
 
 
-def print_report(report, file=None):
-    """Prints `format_report(report)` (to stdout by default)."""
-    print(format_report(report), file=file or sys.stdout, flush=True)

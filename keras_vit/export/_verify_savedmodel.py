@@ -120,6 +120,4 @@ def main(saved_model_dir, data_path, result_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
-        sys.exit(__doc__)
-    main(*sys.argv[1:])
+    main(*sys.argv[1:4])  # (run by keras_vit.export with exactly these three arguments)

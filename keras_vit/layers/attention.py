@@ -33,9 +33,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     `keras.ops.dot_product_attention` unless attention weights are asked for,
     attention dropout is active or only the class token asks queries.
 
-    Called with `class_token_only=True`, only the first token (the class token) asks
-    queries, over the keys and values of every token: the output is `(batch, 1, D)`,
-    all that the last block of a model with a class-token head needs.
+    Called with `output_tokens=k`, only the first k tokens (the class token, and DeiT's
+    distillation token) ask queries, over the keys and values of every token: the output is
+    `(batch, k, D)`, all that the last block of a model with token heads needs
+    (`class_token_only=True` is `output_tokens=1`).
 
     Args:
         num_heads: int, number of attention heads; must divide the input width.
@@ -67,7 +68,8 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.attention_dropout = keras.layers.Dropout(self.dropout_rate, name="attention_dropout",
                                                       dtype=self.dtype_policy)
 
-    def call(self, x, training=None, return_attention_scores=False, class_token_only=False):
+    def call(self, x, training=None, return_attention_scores=False, class_token_only=False,
+             output_tokens=None):
         # Each projection is one 2D matmul over the (batch * tokens, width) rows and the
         # attention runs head-major, (batch, heads, tokens, head_dim): shapes that oneDNN
         # (TensorFlow graphs) and XLA run as plain (batch) matmuls with fused bias adds, where
@@ -75,8 +77,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         # 1/sqrt(head_dim) scale folded into the query projection.
         width, heads, head_dim = x.shape[-1], self.num_heads, self.head_dim
         tokens = x.shape[1] if x.shape[1] is not None else ops.shape(x)[1]
-        queries = x[:, :1] if class_token_only else x
-        query_tokens = 1 if class_token_only else tokens
+        output_tokens = output_tokens or (1 if class_token_only else None)
+        queries = x[:, :output_tokens] if output_tokens else x
+        query_tokens = output_tokens or tokens
 
         def project(inputs, length, kernel, bias, scale=None):  # -> (batch, length, heads, head_dim)
             kernel = ops.reshape(kernel, (width, heads * head_dim))
@@ -91,9 +94,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         k = project(x, tokens, self.key_kernel, self.key_bias)
         v = project(x, tokens, self.value_kernel, self.value_bias)
         weights = None
-        # One query (class_token_only) is cheap either way, and some fused kernels (JAX's
+        # A few queries (output_tokens) are cheap either way, and some fused kernels (JAX's
         # Splash attention) expect as many queries as keys.
-        if (return_attention_scores or (training and self.dropout_rate > 0) or class_token_only
+        if (return_attention_scores or (training and self.dropout_rate > 0) or output_tokens
                 or keras.backend.backend() == "tensorflow"):
             logits = ops.matmul(ops.transpose(q, (0, 2, 1, 3)), ops.transpose(k, (0, 2, 3, 1)))
             # Softmax in float32: float16 logits overflow for long sequences.
@@ -108,6 +111,23 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         out = ops.reshape(out, (-1, query_tokens, width))
         return (out, weights) if return_attention_scores else out
 
+    def compute_output_spec(self, x, training=None, return_attention_scores=False,
+                            class_token_only=False, output_tokens=None):
+        return attention_output_spec(x, self.num_heads, self.compute_dtype,
+                                     return_attention_scores,
+                                     output_tokens or (1 if class_token_only else None))
+
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads,
                 "dropout_rate": self.dropout_rate}
+
+
+def attention_output_spec(x, num_heads, dtype, return_attention_scores, output_tokens):
+    """The output (and attention weights') spec of self-attention over `x`, in the layer's
+    compute dtype (what `__call__` returns; `call` on float32 symbolic inputs would not say)."""
+    batch, tokens, width = x.shape
+    queries = output_tokens or tokens
+    out = keras.KerasTensor((batch, queries, width), dtype=dtype)
+    if not return_attention_scores:
+        return out
+    return out, keras.KerasTensor((batch, num_heads, queries, tokens), dtype=dtype)

@@ -2,6 +2,9 @@ import keras
 from keras import ops
 
 POOLING_MODES = ("token", "gap")
+# Modes of the layer itself: "distillation" reads DeiT's second token (model pooling stays
+# "token").
+_MODES = POOLING_MODES + ("distillation",)
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
@@ -10,18 +13,21 @@ class TokenPooling(keras.layers.Layer):
 
     Args:
         mode: "token" reads the class token (the paper); "gap" averages the patch
-            tokens (models built without a class token).
+            tokens (models built without a class token); "distillation" reads the token
+            after the class token (DeiT's distillation token).
     """
 
     def __init__(self, mode="token", **kwargs):
         super().__init__(**kwargs)
-        if mode not in POOLING_MODES:
+        if mode not in _MODES:
             raise ValueError(f"pooling must be one of {POOLING_MODES}, got {mode!r}.")
         self.mode = mode
 
     def call(self, tokens):
         if self.mode == "token":
             return tokens[:, 0]
+        if self.mode == "distillation":
+            return tokens[:, 1]
         return ops.mean(tokens, axis=1)
 
     def compute_output_shape(self, input_shape):

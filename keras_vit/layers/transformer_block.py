@@ -1,7 +1,7 @@
 import keras
 from keras import ops
 
-from keras_vit.layers.attention import MultiHeadSelfAttention
+from keras_vit.layers.attention import MultiHeadSelfAttention, attention_output_spec
 from keras_vit.layers.drop_path import DropPath
 from keras_vit.layers.gelu import GELU_FORMS, gelu
 
@@ -70,10 +70,11 @@ class TransformerBlock(keras.layers.Layer):
         gelu: "tanh" or "erf", see `MlpBlock`.
         layer_norm_epsilon: float, 1e-6 as the reference.
 
-    Called with `class_token_only=True`, it returns the class token's output alone,
-    `(batch, 1, D)`, the same values as the first token of the full output: the last
-    block of a class-token model needs no more, so its MLP and the query and output
-    projections run on one token instead of all of them.
+    Called with `output_tokens=k`, it returns the first k tokens' outputs alone,
+    `(batch, k, D)`, the same values as the first k tokens of the full output: the last
+    block of a model whose heads read the class token (and DeiT's distillation token) needs
+    no more, so its MLP and the query and output projections run on k tokens instead of all
+    of them. `class_token_only=True` is `output_tokens=1`.
     """
 
     def __init__(self, num_heads, mlp_dim, dropout_rate=0.0, attention_dropout_rate=0.0,
@@ -104,16 +105,24 @@ class TransformerBlock(keras.layers.Layer):
         for layer in (self.norm_1, self.attention, self.norm_2, self.mlp):
             layer.build(input_shape)
 
-    def call(self, x, training=None, return_attention_scores=False, class_token_only=False):
+    def call(self, x, training=None, return_attention_scores=False, class_token_only=False,
+             output_tokens=None):
+        output_tokens = output_tokens or (1 if class_token_only else None)
         y = self.attention(self.norm_1(x), training=training,
                            return_attention_scores=return_attention_scores,
-                           class_token_only=class_token_only)
+                           output_tokens=output_tokens)
         y, scores = y if return_attention_scores else (y, None)
-        if class_token_only:
-            x = x[:, :1]
+        if output_tokens:
+            x = x[:, :output_tokens]
         x = x + self.drop_path(self.dropout(y, training=training), training=training)
         x = x + self.drop_path(self.mlp(self.norm_2(x), training=training), training=training)
         return (x, scores) if return_attention_scores else x
+
+    def compute_output_spec(self, x, training=None, return_attention_scores=False,
+                            class_token_only=False, output_tokens=None):
+        return attention_output_spec(x, self.num_heads, self.compute_dtype,
+                                     return_attention_scores,
+                                     output_tokens or (1 if class_token_only else None))
 
     def get_config(self):
         return {**super().get_config(), "num_heads": self.num_heads, "mlp_dim": self.mlp_dim,

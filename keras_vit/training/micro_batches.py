@@ -12,15 +12,14 @@ in accelerator memory trains as it is; and on CPUs the parts' activations stay i
 `fit` of ViT-Ti at 32x32 (patch 4, depth 6, batch 128) ran 1.09x faster with 4 parts, S/16 at
 224 (batch 32) 1.13x with 4 (2 cores, XLA; `auto_micro_batches` encodes it).
 
-TensorFlow-only module (it replaces the TensorFlow trainer's `train_step`).
+TensorFlow-only module: `use_micro_batches` gives the model a `train_step` (Keras' public way
+to change what `fit` does in a step) written with Keras' public API.
 """
 
 import types
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as loss_module
-from keras.src.trainers.data_adapters import data_adapter_utils
 
 # On CPUs, parts of about this many tokens (images x tokens per image) were fastest: fewer
 # spill the caches, more leave the matmuls too small (ViT-Ti 32x32 and S/16 224, 2 cores).
@@ -93,13 +92,15 @@ def micro_batches_of(model):
 
 def _micro_batch_train_step(parts):
     def train_step(self, data):
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         first = next(t for t in tf.nest.flatten(x) if t is not None)
         batch = first.shape[0] if first.shape[0] is not None else tf.shape(first)[0]
         # With no static batch size, `parts` parts run (the last ones may be empty).
         count, size = part_sizes(batch, parts) if isinstance(batch, int) else (
             parts, -(-batch // parts))
         weights = self.trainable_weights
+        loss_tracker = next(m for m in self.metrics if m.name == "loss")
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
         total = [None] * len(weights)
         for i in range(count):
             def part(t, i=i):
@@ -108,11 +109,13 @@ def _micro_batch_train_step(parts):
                           for v in (x, y, sample_weight))
             examples = tf.shape(next(t for t in tf.nest.flatten(xi) if t is not None))[0]
             with tf.GradientTape() as tape:
-                y_pred = self(xi, training=True) if self._call_has_training_arg else self(xi)
-                loss = self._compute_loss(x=xi, y=yi, y_pred=y_pred, sample_weight=wi,
-                                          training=True)
-                self._loss_tracker.update_state(
-                    loss_module.unscale_loss_for_distribution(loss), sample_weight=examples)
+                y_pred = self(xi, training=True)
+                loss = self.compute_loss(x=xi, y=yi, y_pred=y_pred, sample_weight=wi,
+                                         training=True)
+                # compute_loss divides by the replicas (their gradients are summed); the
+                # tracker logs the loss itself, as Keras' own train_step does.
+                loss_tracker.update_state(loss * tf.cast(replicas, loss.dtype),
+                                          sample_weight=examples)
                 # The batch's loss is the parts' losses weighted by their share of examples.
                 share = tf.cast(examples, loss.dtype) / tf.cast(batch, loss.dtype)
                 loss = self.optimizer.scale_loss(loss * share)

@@ -1,9 +1,9 @@
 """Training data as tf.data pipelines: the embedded digits, image folders, TFDS (TensorFlow only).
 
 Every source yields (uint8 RGB image at the model's size, int label). Images are
-resized once (bilinear, antialiased, rounded back to uint8) and cached; the same
-`resize_image` runs inside the exported serving graph, so a deployed model sees
-exactly what training saw.
+decoded and resized once by `keras_vit.images` (bilinear, antialiased, rounded back to
+uint8) and cached; the exported serving graph runs the same functions, so a deployed model
+sees exactly what training saw.
 """
 
 import concurrent.futures
@@ -20,11 +20,10 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from keras_vit.errors import DataError
+from keras_vit.images import decode_bytes, decode_image, resize_image, to_rgb
+
 AUTOTUNE = tf.data.AUTOTUNE
-
-
-class DataError(ValueError):
-    """A data source cannot be used; the message says how to fix it."""
 
 
 @dataclasses.dataclass
@@ -58,35 +57,6 @@ class Data:
     test = property(lambda self: self.split("test"))
 
 
-def decode_image(contents):
-    """Encoded JPEG/PNG/BMP/GIF bytes -> uint8 [H, W, 3] (grayscale and RGBA made RGB; GIF frame 0)."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def to_rgb(image):
-    """uint8 [H, W, 1|3|4] -> [H, W, 3]."""
-    channels = image.shape[-1]
-    if channels == 1:
-        return tf.image.grayscale_to_rgb(image)
-    if channels == 4:
-        return image[..., :3]
-    return image
-
-
-def resize_image(image, image_size):
-    """uint8 [..., H, W, 3] -> uint8 at `image_size`: bilinear, antialiased, rounded."""
-    resized = tf.image.resize(tf.cast(image, tf.float32), image_size, method="bilinear",
-                              antialias=True)
-    return tf.cast(tf.clip_by_value(tf.round(resized), 0.0, 255.0), tf.uint8)
-
-
-def normalize(images):
-    """uint8 or float [0, 255] -> float32 [-1, 1], as the ViT checkpoints expect."""
-    return tf.cast(images, tf.float32) / 127.5 - 1.0
-
-
 def _split_indices(labels, fractions, seed):
     """Stratified split of example indices into len(fractions) + 1 parts (the rest first)."""
     rng = np.random.default_rng(seed)
@@ -102,7 +72,23 @@ def _split_indices(labels, fractions, seed):
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
 
 
-def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0):
+def keep_share(indices, labels, fraction, seed):
+    """A stratified share of `indices` (at least one of each class present), in their order:
+    the training images of a data-efficiency run (`train_fraction`); the held-out splits
+    stay whole."""
+    if fraction >= 1:
+        return indices
+    rng = np.random.default_rng([seed, 1])
+    labels = np.asarray(labels)
+    kept = []
+    for label in np.unique(labels[indices]):
+        members = indices[labels[indices] == label]
+        count = max(1, int(round(fraction * len(members))))
+        kept.extend(rng.choice(members, count, replace=False))
+    return np.sort(np.asarray(kept, dtype=np.int64))
+
+
+def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0, train_fraction=1.0):
     """scikit-learn's handwritten digits (1,797 8x8 images, 10 classes), shipped inside the
     scikit-learn package: real data that needs no download."""
     from sklearn.datasets import load_digits as sklearn_digits
@@ -112,6 +98,7 @@ def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0):
     images = np.repeat(gray[..., None], 3, axis=-1)
     labels = digits.target
     train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
+    train = keep_share(train, labels, train_fraction, seed)
     splits = {"train": train, "validation": validation, "test": test}
     arrays = {k: tf.data.Dataset.from_tensor_slices((images[v], labels[v].astype(np.int32)))
               for k, v in splits.items()}
@@ -121,14 +108,13 @@ def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0):
 
 
 def _check_image_file(path):
+    """None for a readable image file, else what is wrong with it (in words for the user)."""
     try:
-        image = decode_image(tf.io.read_file(path))
-        if image.shape[0] == 0 or image.shape[1] == 0:
-            return "empty image"
-        return None
-    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError,
-            tf.errors.UnknownError, tf.errors.DataLossError) as err:
-        return err.message.splitlines()[0] if err.message else type(err).__name__
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return decode_bytes(data)[1]
 
 
 _NOT_CLASSES = ("__MACOSX",)  # left by unzipping on macOS
@@ -278,7 +264,8 @@ def _split_dirs(root):
     return {split: dirs[0] if dirs else None for split, dirs in found.items()}
 
 
-def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
+def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0,
+                train_fraction=1.0):
     """An image folder with one sub-folder per class. If it holds a train/ folder (named
     as in `SPLIT_FOLDERS`, any case, with optional validation and test folders beside it,
     each with the same class folders), those are the splits and a missing one is drawn from
@@ -316,6 +303,10 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0):
                       for split, idx in zip(drawn, drawn_idx)})
         splits = {"train": ([paths[i] for i in train_idx], labels[train_idx]),
                   "validation": given["validation"], "test": given["test"]}
+    if train_fraction < 1:
+        kept = keep_share(np.arange(len(splits["train"][0])), splits["train"][1],
+                          train_fraction, seed)
+        splits["train"] = ([splits["train"][0][i] for i in kept], splits["train"][1][kept])
     # Each split in a seeded random order, not class by class: the export calibrates int8
     # on the first training images and verifies on the first test images.
     rng = np.random.default_rng(seed)
@@ -395,19 +386,27 @@ def _not_prepared(name, folder, where):
             f"copy that folder here and pass --data-dir {where}.")
 
 
-def load_data(spec, image_size, *, data_dir=None, validation_split=0.1, test_split=None, seed=0):
-    """Loads "digits", "folder:PATH" or "tfds:NAME" at `image_size` (height, width)."""
+def load_data(spec, image_size, *, data_dir=None, validation_split=0.1, test_split=None, seed=0,
+              train_fraction=1.0):
+    """Loads "digits", "folder:PATH" or "tfds:NAME" at `image_size` (height, width).
+    `train_fraction` < 1 keeps that share of the training split (stratified by class for
+    digits and folders; the first examples of a TFDS split)."""
     image_size = tuple(image_size)
     if spec == "digits":
         return load_digits(image_size, validation_split, 0.2 if test_split is None else test_split,
-                           seed)
+                           seed, train_fraction)
     kind, _, value = spec.partition(":")
     if kind == "folder" and value:
         return load_folder(value, image_size, validation_split,
-                           0.1 if test_split is None else test_split, seed)
+                           0.1 if test_split is None else test_split, seed, train_fraction)
     if kind == "tfds" and value:
-        return load_tfds(value, image_size, data_dir, validation_split,
+        data = load_tfds(value, image_size, data_dir, validation_split,
                          0.1 if test_split is None else test_split)
+        if train_fraction < 1:
+            count = max(1, int(round(train_fraction * data.sizes["train"])))
+            data.undecoded["train"] = data.undecoded["train"].take(count)
+            data.sizes["train"] = count
+        return data
     raise DataError(f"Unknown --data {spec!r}: use digits (embedded), folder:PATH (one "
                     "sub-folder per class) or tfds:NAME (with --data-dir).")
 
@@ -442,7 +441,7 @@ def training_batches(data, batch_size, *, seed, cache=True, crop_area=1.0, skip_
     area, drawn from (`seed`, epoch, position), taken from the full-size decoded image (the
     cached, resized one when cached) and resized to the model's size. `augment` gets each
     batch's own seed, (`seed`, batch number), so its draws are the same in every run and in
-    a resumed one (see `keras_vit.augment.make_augmenter`).
+    a resumed one (see `keras_vit.training.augment.make_augmenter`).
     """
     examples, decode = data.undecoded["train"], data.decode
     num_examples = int(examples.cardinality())

@@ -1,6 +1,6 @@
 """`keras-vit variants`: the variant table."""
 
-from keras_vit.variants import variants
+from keras_vit.cli._common import positive_int
 
 
 def format_table(rows):
@@ -14,10 +14,12 @@ def format_table(rows):
 
 
 def add_arguments(parser):
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--num-classes", type=int, default=1000)
+    parser.add_argument("--image-size", type=positive_int, default=224)
+    parser.add_argument("--num-classes", type=positive_int, default=1000)
 
 
 def run(args):
+    from keras_vit.variants import variants  # pure Python: no TensorFlow
+
     print(format_table(variants(args.image_size, args.num_classes)))
     return 0

@@ -33,10 +33,7 @@ to say so (file-based datasets shard by file). Every worker must see the same nu
 global batches per epoch. On TPUs batch with `drop_remainder=True` (static shapes).
 """
 
-import functools
 import glob
-import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -138,7 +135,9 @@ def make_strategy(name="auto", *, tpu_address=None, cpu_devices=None):
                 "(before any TensorFlow op, model, dataset or device listing in this process): "
                 f"MultiWorkerMirroredStrategy could not configure collective ops ({e}). Call "
                 "it first thing in the program.") from e
-        fix_keras_20585()
+        from keras_vit.keras_internals import fix_keras_20585
+
+        fix_keras_20585()  # keras-team/keras#20585: fit fails under this strategy without it
         return strategy
     target = _tpu_target(tpu_address)
     if target is None:
@@ -286,6 +285,10 @@ def per_replica_batch_size(global_batch_size, strategy=None):
 def describe(strategy=None):
     """One line for logs: the strategy, its replicas, and this worker's role."""
     strategy = strategy or tf.distribute.get_strategy()
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        # The default strategy (its class is private): say what it runs on.
+        gpus = tf.config.list_logical_devices("GPU")
+        return f"one device ({'GPU' if gpus else 'CPU'})"
     name = type(strategy).__name__
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
         name = "MultiWorkerMirroredStrategy"  # not its class name, CollectiveAllReduceStrategy
@@ -372,146 +375,3 @@ def _tpu_strategy(target):
         tf.config.experimental_connect_to_cluster(resolver)
     tf.tpu.experimental.initialize_tpu_system(resolver)
     return tf.distribute.TPUStrategy(resolver)
-
-
-# --------------------------------------------------------------------------------------------
-# keras-team/keras#20585 (also tensorflow/tensorflow#72388): model.fit under
-# MultiWorkerMirroredStrategy fails in Keras 3.
-
-_FIX_MARK = "_keras_vit_fix_keras_20585"
-
-# sha256 of inspect.getsource() of the two Keras 3.15.1 functions the fix wraps. Checked by
-# tests/test_distribute.py, so that a Keras upgrade that touches them fails a test.
-KERAS_20585_SOURCES = {
-    "TensorFlowTrainer._maybe_symbolic_build":
-        "92a504f5eba9b29f81f1bf26180bdd5bf5186b06b7bda426534b90d2d02bc1c2",
-    "reduce_per_replica":
-        "2e7d54b1e6edc29a8c6a7e6b66cd4c8be3ba7842412c93753ac3afe169fa7fb8",
-}
-
-# What the fix relies on in those functions, checked each time it is applied: the two buggy
-# calls it replaces, and the paths it delegates to.
-_KERAS_20585_NEEDS = {
-    "TensorFlowTrainer._maybe_symbolic_build": (
-        "(self, iterator=None, data_batch=None)",
-        "if iterator is not None:",
-        "self.distribute_strategy.reduce(",
-        "self._symbolic_build(data_batch=data_batch)",
-    ),
-    "reduce_per_replica": (
-        "(values, strategy, reduction)",
-        "if _collective_all_reduce_multi_worker(strategy):",
-        'return strategy.reduce("MEAN", v, axis=0)',
-    ),
-}
-
-
-def fix_keras_20585():
-    """Makes `model.fit`/`evaluate` work under MultiWorkerMirroredStrategy on Keras 3.15.
-
-    (`model.predict` works without it: it reduces with "concat", which Keras handles.)
-
-    keras-team/keras#20585, tensorflow/tensorflow#72388: with two or more workers, Keras 3's
-    TensorFlow trainer (keras/src/backend/tensorflow/trainer.py) fails twice:
-
-    1. `TensorFlowTrainer._maybe_symbolic_build` takes the first distributed batch, a nest
-       such as `(PerReplica(images), PerReplica(labels))`, and calls
-       `strategy.reduce("MEAN", batch, axis=None)` on the whole nest. `Strategy.reduce` takes
-       one value, not a nest; single-worker strategies treat the nest as a non-distributed
-       value and hand it back unchanged, but MultiWorkerMirroredStrategy with several workers
-       (CollectiveAllReduceExtended._reduce_to) passes it to its cross-worker all-reduce, which
-       fails: "Attempt to convert a value (PerReplica:{...}) with an unsupported type".
-       The batch is only used for its shapes and dtypes (to build the model symbolically), so
-       the fix gives Keras this worker's first local replica's batch instead; no cross-worker
-       all-reduce of a whole batch of images.
-    2. `reduce_per_replica(..., reduction="auto")`, applied inside the train/test step to the
-       logs (scalar metric results), takes the multi-worker branch
-       `strategy.reduce("MEAN", v, axis=0)`: axis 0 of a scalar does not exist ("Invalid
-       reduction dimension 0 for input with 0 dimensions"). The fix reduces with `axis=None`,
-       the element-wise mean across replicas, which is what the single-worker branch of the
-       same function computes (`tf.reduce_mean(local_results, axis=0)`).
-
-    Only multi-worker MultiWorkerMirroredStrategy (Keras' own
-    `_collective_all_reduce_multi_worker(strategy)` test) takes the new paths; every other
-    strategy and reduction still runs Keras' code unchanged. Both wrappers delegate to the
-    originals. Idempotent: a second call changes nothing.
-
-    Returns:
-        True if this call patched Keras, False if the fix was already in place.
-
-    Raises:
-        RuntimeError: Keras changed the code this fix relies on (check whether the bug is
-            fixed upstream; tests/test_distribute.py tells).
-    """
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    cls = tf_trainer.TensorFlowTrainer
-    changed = False
-    if not getattr(cls._maybe_symbolic_build, _FIX_MARK, False):
-        _check_keras_20585_target("TensorFlowTrainer._maybe_symbolic_build",
-                                  cls._maybe_symbolic_build)
-        original_build = cls._maybe_symbolic_build
-
-        @functools.wraps(original_build)
-        def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-            strategy = self._distribute_strategy
-            if (iterator is not None and strategy is not None
-                    and tf_trainer._collective_all_reduce_multi_worker(strategy)):
-                # Same first batch Keras takes, but one local replica's share of it.
-                for _, _, it in iterator:
-                    data_batch = tree.map_structure(
-                        lambda v: (strategy.experimental_local_results(v)[0]
-                                   if isinstance(v, tf.distribute.DistributedValues) else v),
-                        next(it))
-                    break
-                iterator = None
-            return original_build(self, iterator=iterator, data_batch=data_batch)
-
-        setattr(_maybe_symbolic_build, _FIX_MARK, True)
-        cls._maybe_symbolic_build = _maybe_symbolic_build
-        changed = True
-
-    if not getattr(tf_trainer.reduce_per_replica, _FIX_MARK, False):
-        _check_keras_20585_target("reduce_per_replica", tf_trainer.reduce_per_replica)
-        original_reduce = tf_trainer.reduce_per_replica
-
-        @functools.wraps(original_reduce)
-        def reduce_per_replica(values, strategy, reduction):
-            if (reduction in ("auto", "mean")
-                    and tf_trainer._collective_all_reduce_multi_worker(strategy)):
-                return tree.map_structure(
-                    lambda v: None if v is None else strategy.reduce("MEAN", v, axis=None),
-                    values)
-            return original_reduce(values, strategy, reduction)
-
-        setattr(reduce_per_replica, _FIX_MARK, True)
-        # The train/test/predict step functions look the name up in the module when traced.
-        tf_trainer.reduce_per_replica = reduce_per_replica
-        changed = True
-    return changed
-
-
-def keras_20585_sources():
-    """{name: sha256} of the Keras functions `fix_keras_20585` wraps (the originals)."""
-    from keras.src.backend.tensorflow import trainer as tf_trainer
-
-    cls = tf_trainer.TensorFlowTrainer
-    functions = {"TensorFlowTrainer._maybe_symbolic_build": cls._maybe_symbolic_build,
-                 "reduce_per_replica": tf_trainer.reduce_per_replica}
-    return {name: hashlib.sha256(inspect.getsource(inspect.unwrap(f)).encode()).hexdigest()
-            for name, f in functions.items()}
-
-
-def _check_keras_20585_target(name, function):
-    import keras
-
-    source = inspect.getsource(function)
-    missing = [s for s in _KERAS_20585_NEEDS[name] if s not in source]
-    if missing:
-        raise RuntimeError(
-            f"keras_vit.distribute.fix_keras_20585 patches Keras 3.15's {name}, and Keras "
-            f"{keras.__version__} changed it (no longer has {missing}). Check whether "
-            "keras-team/keras#20585 (model.fit under MultiWorkerMirroredStrategy) is fixed "
-            "upstream (tests/test_distribute.py runs the unpatched reproduction), then update "
-            "or drop the fix.")

@@ -12,10 +12,11 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from keras_vit.data import normalize
+from keras_vit.images import normalize
+from keras_vit.keras_internals import StatelessSeeds, apply_seeded, layer_seed_generator
 
 
-class BatchSeeds(keras.random.SeedGenerator):
+class BatchSeeds(StatelessSeeds):
     """Seeds for Keras' random ops derived from one seed tensor, without state.
 
     Given as `seed=` to a layer's `get_random_transformation` (or to `keras.random`), each
@@ -28,7 +29,8 @@ class BatchSeeds(keras.random.SeedGenerator):
         seed: an integer tensor of shape (2,), e.g. a batch's (run seed, batch number).
     """
 
-    def __init__(self, seed):  # no SeedGenerator.__init__: it creates the state variable
+    def __init__(self, seed):
+        super().__init__()
         self.seed = tf.convert_to_tensor(seed)
         self.draws = 0
 
@@ -42,22 +44,6 @@ class BatchSeeds(keras.random.SeedGenerator):
             minval=None, maxval=None, dtype=tf.int32)
 
 
-def apply_seeded(layer, data, seed):
-    """`layer(data, training=True)` for a Keras image augmentation layer and a batch of
-    images (or a dict of images and labels), its random draws taken from `seed` (a
-    `BatchSeeds`), computed with TensorFlow ops whatever the Keras backend (as Keras' layers
-    do in `tf.data`)."""
-    layer.backend.set_backend("tensorflow")
-    try:
-        change = layer.get_random_transformation(data, training=True, seed=seed)
-        if not isinstance(data, dict):
-            return layer.transform_images(data, change, training=True)
-        return {"images": layer.transform_images(data["images"], change, training=True),
-                "labels": layer.transform_labels(data["labels"], change, training=True)}
-    finally:
-        layer.backend.reset()
-
-
 class _Solarization(keras.layers.Solarization):
     """Keras' Solarization with the threshold drawn from its whole `threshold_factor` range
     (Keras draws from [factor[0], factor[1] * 255], the low end unscaled, so every range
@@ -69,7 +55,7 @@ class _Solarization(keras.layers.Solarization):
             low, high = self.threshold_factor
             transformation["thresholds"] = self.backend.random.uniform(
                 self.backend.shape(transformation["thresholds"]), low * 255, high * 255,
-                seed=seed or self._get_seed_generator(self.backend._backend),
+                seed=seed or layer_seed_generator(self),
                 dtype=self.compute_dtype)
         return transformation
 
@@ -149,7 +135,7 @@ class PerImageRandAugment(keras.layers.RandAugment):
         images = data["images"] if isinstance(data, dict) else data
         batch = tf.shape(images)[0] if len(images.shape) == 4 else 1
         # The operations draw their strengths from the same seed (in transform_images).
-        seed = seed or self._get_seed_generator(self.backend._backend)
+        seed = seed or layer_seed_generator(self)
         return {"layer_idxes": self.backend.random.randint(
             (self.num_ops, batch), 0, len(self._AUGMENT_LAYERS), seed=seed), "seed": seed}
 
@@ -160,7 +146,7 @@ class PerImageRandAugment(keras.layers.RandAugment):
         unbatched = len(images.shape) == 3
         if unbatched:
             images = images[None]
-        seed = transformation.get("seed") or self._get_seed_generator(self.backend._backend)
+        seed = transformation.get("seed") or layer_seed_generator(self)
         positions = tf.range(tf.shape(images)[0])
         count = len(self._AUGMENT_LAYERS)
         for choice in tf.unstack(transformation["layer_idxes"], self.num_ops):
@@ -230,11 +216,16 @@ class AugmentConfig:
     cutmix: float = 0.0
 
 
-def make_augmenter(config, num_classes):
-    """Returns fn(uint8 images, int labels, seed) -> (float32 images in [-1, 1], one-hot
-    labels), every random draw taken from `seed`, an integer tensor of shape (2,) (the
-    batch's own: `keras_vit.data.training_batches` gives (run seed, batch number)); the
-    same images and seed give the same output.
+def make_augmenter(config, num_classes, normalization="vit", extra_layers=()):
+    """Returns fn(uint8 images, int labels, seed) -> (float32 model inputs, one-hot labels),
+    every random draw taken from `seed`, an integer tensor of shape (2,) (the batch's own:
+    `keras_vit.training.data.training_batches` gives (run seed, batch number)); the same
+    images and seed give the same output.
+
+    `extra_layers`: more Keras image augmentation layers (keras-cv's too), run on float
+    pixels in [0, 255] after the configured ones and before MixUp/CutMix; Keras core layers
+    draw from `seed` as the others do, layers without Keras' seeded protocol from their own
+    state. `normalization`: how the model's inputs are scaled (`keras_vit.images`).
 
     The layers compute in float32 whatever the global precision policy: pixel arithmetic
     in bfloat16 or float16 is coarse, and Keras' MixUp and CutMix fail under those policies.
@@ -255,6 +246,7 @@ def make_augmenter(config, num_classes):
     if config.randaugment:
         pixel_layers.append(PerImageRandAugment(value_range=(0, 255), factor=config.randaugment,
                                                 **f32))
+    pixel_layers += list(extra_layers)
     mixers = []
     if config.mixup:
         mixers.append(keras.layers.MixUp(alpha=config.mixup, **f32))
@@ -276,16 +268,16 @@ def make_augmenter(config, num_classes):
                 batch = tf.cond(use_mixup, lambda: apply_seeded(mixers[0], batch, seeds),
                                 lambda: apply_seeded(mixers[1], batch, seeds))
             images, labels = batch["images"], batch["labels"]
-        images = tf.clip_by_value(images, 0.0, 255.0)
-        return normalize(images), labels
+        images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
+        return normalize(images, normalization), labels
 
     return augment
 
 
-def prepare_evaluation(num_classes):
-    """fn(uint8 images, int labels) -> (float32 images in [-1, 1], one-hot labels)."""
+def prepare_evaluation(num_classes, normalization="vit"):
+    """fn(uint8 images, int labels) -> (float32 model inputs, one-hot labels)."""
 
     def prepare(images, labels):
-        return normalize(images), tf.one_hot(labels, num_classes)
+        return normalize(images, normalization), tf.one_hot(labels, num_classes)
 
     return prepare

@@ -1,4 +1,4 @@
-"""`keras-vit benchmark-accelerator`: ViT training throughput and model-FLOPs utilisation.
+"""ViT training throughput and model-FLOPs utilisation (`keras-vit benchmark-accelerator`).
 
 Runs on whatever device the Keras backend uses and needs no TensorFlow: made for a GPU
 machine with Keras on JAX, where a row of `keras-vit benchmark` (TensorFlow on CPU) cannot run.
@@ -16,6 +16,7 @@ named in `DATASHEET_TFLOPS`.
 """
 
 import dataclasses
+import logging
 import os
 import platform
 import re
@@ -28,25 +29,9 @@ DATASHEET_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756
                     "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
-def add_arguments(parser):
-    parser.add_argument("--variant", default="B/16", help="ViT variant (default B/16)")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--depth", type=int, default=None, help="blocks (default: the variant's)")
-    parser.add_argument("--patch-size", type=int, default=None)
-    parser.add_argument("--num-classes", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="fit steps per timed call")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls (median reported)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls after compiling")
-    parser.add_argument("--precision", default="mixed_bfloat16",
-                        choices=["mixed_bfloat16", "mixed_float16", "float32"])
-    parser.add_argument("--matmul-size", type=int, default=8192,
-                        help="side of the square matmuls that measure the peak")
-
-
 def forward_flops(variant, image_size, num_classes):
     """Matmul FLOPs of one image through keras-vit's forward pass (see `vit_flops`)."""
-    from keras_vit.benchmark import vit_flops
+    from keras_vit.benchmarks.cpu import vit_flops
 
     return vit_flops(variant.width, variant.num_heads, variant.mlp_dim, variant.depth,
                      image_size, variant.patch_size, classes=num_classes)
@@ -131,30 +116,31 @@ def datasheet_peak(name, precision):
                  if re.search(rf"(^|\W){re.escape(key)}($|\W)", name)), None)
 
 
-def run(args):
+def run_accelerator_benchmark(args):
+    """Times `fit` as the module doc says (`args`: the options of `keras-vit
+    benchmark-accelerator`); returns a dict of the figures. Progress goes to the
+    "keras_vit.benchmark" logger. Raises ValueError for a hybrid variant."""
     import keras
     import numpy as np
 
     import keras_vit
-    from keras_vit.benchmark import _built_under
     from keras_vit.variants import parse_variant
 
+    log = logging.getLogger("keras_vit.benchmark")
     variant = parse_variant(args.variant, args.patch_size)
     if args.depth:
         variant = dataclasses.replace(variant, depth=args.depth)
     if variant.is_hybrid:
-        print("keras-vit benchmark-accelerator: plain ViT variants only (the FLOP count has no "
-              "ResNet stem)", file=sys.stderr)
-        return 2
+        raise ValueError("plain ViT variants only (the FLOP count has no ResNet stem)")
     name = device_name()
-    print(f"device: {name}; Keras {keras.__version__} on {keras.backend.backend()}", flush=True)
+    log.info(f"device: {name}; Keras {keras.__version__} on {keras.backend.backend()}")
     matmul_dtype = "float32" if args.precision == "float32" else args.precision[len("mixed_"):]
     peak = matmul_peak_tflops(args.matmul_size, matmul_dtype)
-    print(f"{matmul_dtype} matmul peak ({args.matmul_size}^3, best of 5, this run): "
-          f"{peak:.4g} TFLOP/s", flush=True)
+    log.info(f"{matmul_dtype} matmul peak ({args.matmul_size}^3, best of 5, this run): "
+             f"{peak:.4g} TFLOP/s")
 
-    model = _built_under(args.precision, lambda: keras_vit.build(
-        variant, image_size=args.image_size, num_classes=args.num_classes))
+    model = keras_vit.build(variant, image_size=args.image_size, num_classes=args.num_classes,
+                            dtype=args.precision)
     model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1, clipnorm=1.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile="auto")
@@ -168,7 +154,7 @@ def run(args):
 
     start = time.perf_counter()
     fit()
-    print(f"first fit call (compiles): {time.perf_counter() - start:.1f} s", flush=True)
+    log.info(f"first fit call (compiles): {time.perf_counter() - start:.1f} s")
     for _ in range(args.warmup):
         fit()
     times = []
@@ -181,11 +167,10 @@ def run(args):
     flops = 3 * forward_flops(variant, args.image_size, args.num_classes)
     achieved = flops * per_second / 1e12
     sheet = datasheet_peak(name, args.precision)
-    print(f"{variant.name} {args.image_size}px, batch {args.batch_size}, {args.precision}: "
-          f"{per_second:.1f} img/s ({1000 * seconds / args.steps:.1f} ms/step, median of "
-          f"{args.repeats} calls of {args.steps} steps)")
-    print(f"model FLOPs: {flops / 1e9:.4g} GFLOP/image (3x forward), {achieved:.4g} TFLOP/s = "
-          f"MFU {100 * achieved / peak:.1f}% of the measured {matmul_dtype} matmul peak"
-          + (f", {100 * achieved / sheet:.1f}% of the datasheet {sheet:.0f} TFLOP/s"
-             if sheet else ""))
-    return 0
+    return {"device": name, "variant": variant.name, "image_size": args.image_size,
+            "batch_size": args.batch_size, "precision": args.precision,
+            "images_per_second": per_second, "ms_per_step": 1000 * seconds / args.steps,
+            "steps": args.steps, "repeats": args.repeats, "gflop_per_image": flops / 1e9,
+            "achieved_tflops": achieved, "matmul_dtype": matmul_dtype,
+            "measured_peak_tflops": peak, "mfu_measured": achieved / peak,
+            "datasheet_tflops": sheet, "mfu_datasheet": achieved / sheet if sheet else None}

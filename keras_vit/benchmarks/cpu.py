@@ -1,4 +1,4 @@
-"""`keras-vit benchmark`: images/second and latency of keras-vit against the peers installed here.
+"""Speed of keras-vit against the peers installed here (`keras-vit benchmark`), on CPU.
 
 Every comparison is measured in one process, interleaved (A, B, B, A ... after a warm-up,
 the order rotated each round), and reported as medians with the ratio per row (> 1 means keras-vit is better: faster,
@@ -11,16 +11,20 @@ where they import. The float32 matmul peak of this machine is measured in the sa
     python scripts/benchmark.py                  # every row (Ti/S/B-16, batch 1 and 16, ...)
     python scripts/benchmark.py --rows infer --variants B/16 --batch-sizes 16 --repeats 10
 
-TensorFlow-only module (it times the TensorFlow backend).
+TensorFlow-only module (it times the TensorFlow backend). `run_benchmark(options)` returns
+the table; progress goes to the "keras_vit.benchmark" logger.
 """
 
 import json
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+
+logger = logging.getLogger("keras_vit.benchmark")
 
 ROWS = ("infer", "train", "augment", "bf16", "tflite", "memory")
 PEERS = ("keras-hub", "torch")
@@ -33,40 +37,6 @@ MEMORY_GOAL_MB = 1200
 # keras-vit's rows against the peers use the exact (erf) GELU that keras-hub and Hugging Face
 # compute: the same maths in every model (keras-vit's default is the reference's tanh form).
 PEER_GELU = "erf"
-
-
-def add_arguments(parser):
-    parser.add_argument("--quick", action="store_true",
-                        help="a short run (Ti/16 inference, training, RandAugment, bf16, TFLite, "
-                             "B/16 memory; few repetitions): about 8 minutes on 2 idle cores")
-    parser.add_argument("--rows", default=None,
-                        help=f"comma-separated rows among {','.join(ROWS)} (default: all)")
-    parser.add_argument("--variants", default=None,
-                        help="inference variants, comma-separated (default Ti/16,S/16,B/16; "
-                             "--quick: Ti/16)")
-    parser.add_argument("--batch-sizes", default="1,16", help="inference batch sizes (default 1,16)")
-    parser.add_argument("--image-size", type=int, default=224, help="inference image size")
-    parser.add_argument("--depth", type=int, default=None,
-                        help="override the encoder depth of every model (for smoke tests)")
-    parser.add_argument("--peers", default=",".join(PEERS),
-                        help=f"peers to compare with, among {','.join(PEERS)} ('' for none)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed interleaved rounds per row (default 15; --quick 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
-    parser.add_argument("--train-steps", type=int, default=None,
-                        help="steps per timed model.fit call (default 8; --quick 4)")
-    parser.add_argument("--train-batch-size", type=int, default=128)
-    parser.add_argument("--train-image-size", type=int, default=TRAIN["image_size"])
-    parser.add_argument("--bf16-variant", default=None,
-                        help="variant of the bfloat16 row (default: the last of --variants)")
-    parser.add_argument("--tflite-variant", default=None,
-                        help="variant of the TFLite row (default: the last of --variants)")
-    parser.add_argument("--memory-variant", default="B/16")
-    parser.add_argument("--memory-batch-size", type=int, default=16)
-    parser.add_argument("--keras-vit-graph", action="store_true",
-                        help="run keras-vit inference as a TensorFlow graph (oneDNN kernels) "
-                             "instead of XLA-compiled; the peers always run as the table says")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
 
 
 # ---------------------------------------------------------------- timing
@@ -190,7 +160,7 @@ def available_peers(wanted):
                 raise ValueError(f"unknown peer {peer!r}; choose among {PEERS}")
             peers.append(peer)
         except ImportError as e:
-            print(f"peer {peer} not measured: {e}", flush=True)
+            logger.info(f"peer {peer} not measured: {e}")
     return peers
 
 
@@ -207,9 +177,10 @@ class Table:
                    ratio=None if ratio is None else round(ratio, 3), peak=peak,
                    goal=None if goal is None else f">= {goal}x {met}".strip(), note=note)
         self.rows.append(row)
-        print("  " + " | ".join(str(v) for v in row.values() if v not in (None, "")), flush=True)
+        logger.info("  " + " | ".join(str(v) for v in row.values() if v not in (None, "")))
 
-    def print(self, header, file=None):
+    def format(self, header):
+        """The table as text (Markdown), under `header`."""
         cols = [("work", "work"), ("keras_vit", "keras-vit"), ("peer", "peer"),
                 ("peer_value", "peer value"), ("ratio", "ratio"), ("peak", "kv % peak"),
                 ("goal", "goal"), ("note", "note")]
@@ -217,12 +188,9 @@ class Table:
                   for k, _ in cols] for r in self.rows]
         widths = [max([len(t)] + [len(c[i]) for c in cells]) for i, (_, t) in enumerate(cols)]
         line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
-        print("\n" + header, file=file)
-        print(line([t for _, t in cols]), file=file)
-        print("|" + "|".join("-" * (w + 2) for w in widths) + "|", file=file)
-        for c in cells:
-            print(line(c), file=file)
-        sys.stdout.flush()
+        return "\n".join(["", header, line([t for _, t in cols]),
+                          "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+                         + [line(c) for c in cells])
 
 
 def _kv_path(args):
@@ -332,21 +300,23 @@ def _torch_train_step_fn(image_size, depth, patch_size, batch, classes):
     return step
 
 
-def _train_model(image_size, depth, xla, batch, micro_batches="auto"):
+def _train_model(image_size, depth, xla, batch, micro_batches="auto", dtype=None):
     """keras-vit at the training configuration, compiled for `fit`; by default in the
     micro-batches `keras-vit train --micro-batches auto` picks for this batch (on CPUs, 4 parts
     of 32 at batch 128)."""
+    import types
+
     import tensorflow as tf
 
-    from keras_vit.micro_batches import use_micro_batches
-    from keras_vit.train import pick_micro_batches
+    from keras_vit.training.micro_batches import use_micro_batches
+    from keras_vit.training.trainer import pick_micro_batches
 
     model = _compile_for_fit(_keras_vit(TRAIN["variant"], image_size, depth, gelu=PEER_GELU,
                                         patch_size=TRAIN["patch_size"],
-                                        num_classes=TRAIN["num_classes"]), xla)
+                                        num_classes=TRAIN["num_classes"], dtype=dtype), xla)
     tokens = (image_size // TRAIN["patch_size"]) ** 2 + 1
-    micro_batches = pick_micro_batches({"micro_batches": micro_batches}, batch, tokens,
-                                       tf.distribute.get_strategy())
+    micro_batches = pick_micro_batches(types.SimpleNamespace(micro_batches=micro_batches), batch,
+                                       tokens, tf.distribute.get_strategy())
     use_micro_batches(model, micro_batches)
     return model
 
@@ -380,7 +350,7 @@ def row_train(table, args, peers, peak):
     flops = 3 * vit_flops(width, heads, mlp, depth, size, patch, classes=TRAIN["num_classes"])
     images = batch * steps
     work = f"train fit {size}px p{patch} w{width} d{depth} batch {batch}"
-    from keras_vit.micro_batches import micro_batches_of
+    from keras_vit.training.micro_batches import micro_batches_of
 
     for ours_name, model in models.items():
         how = ours_name[10:]
@@ -414,7 +384,7 @@ def row_augment(table, args, peers, peak):
     import numpy as np
     import tensorflow as tf
 
-    from keras_vit.augment import PerImageRandAugment
+    from keras_vit.training.augment import PerImageRandAugment
 
     size, batch = args.image_size, args.train_batch_size
     images = tf.constant(np.random.default_rng(0).integers(0, 256, (batch, size, size, 3))
@@ -429,18 +399,6 @@ def row_augment(table, args, peers, peak):
     table.add(f"RandAugment {size}px batch {batch} (tf.data)", _speed(t["keras-vit"], batch),
               "keras.layers.RandAugment", _speed(t["keras"], batch), t["keras"] / t["keras-vit"],
               note="2 ops per image, factor 0.5; Keras draws them per batch")
-
-
-def _built_under(policy, build):
-    """`build()` under the Keras dtype policy `policy`, the global policy restored after."""
-    import keras
-
-    previous = keras.config.dtype_policy()
-    keras.mixed_precision.set_global_policy(policy)
-    try:
-        return build()
-    finally:
-        keras.mixed_precision.set_global_policy(previous)
 
 
 def _digit_images(count, size):
@@ -463,7 +421,7 @@ def row_bf16(table, args, peers, peak):
     rng = np.random.default_rng(0)
     for w in f32.weights:  # random weights everywhere (the head starts at zeros)
         w.assign(rng.normal(0, 0.02 if w.path.endswith("kernel") else 0.01, w.shape))
-    bf16 = _built_under("mixed_bfloat16", lambda: _keras_vit(variant, size, args.depth))
+    bf16 = _keras_vit(variant, size, args.depth, dtype="mixed_bfloat16")
     bf16.set_weights(f32.get_weights())
     images = tf.constant(rng.uniform(-1, 1, (batch, size, size, 3)), tf.float32)
     # bfloat16 runs as a TensorFlow graph: oneDNN's bf16 matmuls (avx512_bf16 / AMX); XLA's CPU
@@ -490,8 +448,7 @@ def _row_bf16_train(table, args):
     dataset, _, _ = _train_data(batch, steps, size)
     fns = {}
     for name, policy, xla in (("f32", "float32", True), ("bf16", "mixed_bfloat16", False)):
-        model = _built_under(policy, lambda: _train_model(size, args.depth or TRAIN["depth"], xla,
-                                                          batch))
+        model = _train_model(size, args.depth or TRAIN["depth"], xla, batch, dtype=policy)
         fns[name] = _fit_call(model, dataset, steps)
     t = interleaved(fns, args.repeats, args.warmup)
     images = batch * steps
@@ -569,7 +526,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 which, variant, size, batch, depth, xla = sys.argv[1:7]
 size, batch = int(size), int(batch)
 depth = int(depth) if depth != "None" else None
-from keras_vit import benchmark as b
+from keras_vit.benchmarks import cpu as b
 import numpy as np
 if which == "torch":
     import torch, transformers
@@ -589,7 +546,7 @@ else:
 for _ in range(3):
     call()
 peak = peak_kb()
-print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024}))
+sys.stdout.write(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024}) + "\n")
 """
 
 
@@ -640,22 +597,21 @@ def _machine():
     return f"{cpu}, {os.cpu_count()} cores, load average {load:.2f}"
 
 
-def run(args):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+def run_benchmark(args):
+    """Runs the rows `args` asks for (the options of `keras-vit benchmark`, an argparse
+    namespace); returns (Table, its header). Raises ValueError for an unknown row or variant."""
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     quick = args.quick
     args.keras_vit_xla = not args.keras_vit_graph
     args.rows = [r for r in (args.rows or ",".join(ROWS)).split(",") if r]
     for r in args.rows:
         if r not in ROWS:
-            print(f"keras-vit benchmark: unknown row {r!r}; choose among {ROWS}", file=sys.stderr)
-            return 2
+            raise ValueError(f"unknown row {r!r}; choose among {', '.join(ROWS)}")
     args.variants = [v for v in (args.variants or ("Ti/16" if quick else "Ti/16,S/16,B/16"))
                      .split(",") if v]
     for v in args.variants + [v for v in (args.bf16_variant, args.tflite_variant) if v]:
         if v not in CONFIGS:
-            print(f"keras-vit benchmark: variant {v!r} not among {tuple(CONFIGS)}", file=sys.stderr)
-            return 2
+            raise ValueError(f"variant {v!r} not among {', '.join(CONFIGS)}")
     args.batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b]
     args.repeats = args.repeats or (5 if quick else 15)
     args.train_steps = args.train_steps or (4 if quick else 8)
@@ -667,19 +623,20 @@ def run(args):
 
     peers = available_peers([p for p in args.peers.split(",") if p])
     started = time.time()
-    print(f"machine: {_machine()}; TensorFlow {tf.__version__}, Keras {keras.__version__}",
-          flush=True)
+    logger.info(f"machine: {_machine()}; TensorFlow {tf.__version__}, Keras {keras.__version__}")
     peak = matmul_peak(2048 if args.image_size < 64 else 4096)
-    print(f"float32 matmul peak (best large TF matmul, this run): {peak:.0f} GFLOP/s", flush=True)
+    logger.info(f"float32 matmul peak (best large TF matmul, this run): {peak:.0f} GFLOP/s")
     table = Table()
+    rows = {"infer": row_infer, "train": row_train, "augment": row_augment, "bf16": row_bf16,
+            "tflite": row_tflite, "memory": row_memory}
     for name in args.rows:
-        globals()[f"row_{name}"](table, args, peers, peak)
+        rows[name](table, args, peers, peak)
     elapsed = time.time() - started
-    table.print(f"keras-vit benchmark ({_machine()}; matmul peak {peak:.0f} GFLOP/s; "
-                f"medians of {args.repeats} interleaved rounds; {elapsed:.0f} s; "
-                "ratio > 1 = keras-vit better)")
+    header = (f"keras-vit benchmark ({_machine()}; matmul peak {peak:.0f} GFLOP/s; "
+              f"medians of {args.repeats} interleaved rounds; {elapsed:.0f} s; "
+              "ratio > 1 = keras-vit better)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": _machine(), "peak_gflops": peak, "rows": table.rows,
                        "seconds": elapsed}, f, indent=2)
-    return 0
+    return table, header
