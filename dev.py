@@ -4,7 +4,8 @@
     python3 dev.py run [train flags]   # set up, then train + evaluate + export on the embedded data
     python3 dev.py test [pytest args]  # set up, then run the test suite
 
-Set-up makes `.venv/` and installs this package with its test, TFLite, ONNX and TF Serving client extras;
+Set-up makes `.venv/` and installs this package with its test, TFLite, ONNX, TF Serving client and
+MediaPipe extras;
 it is skipped when `pyproject.toml` has not changed since the last install.
 """
 
@@ -21,7 +22,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".keras-vit-installed"
 
 
-EXTRAS = "test,tflite,onnx,serving"
+EXTRAS = "test,tflite,onnx,serving,mediapipe"
 
 
 def _has_pip(python):
@@ -64,7 +65,9 @@ def main():
     if command == "run":
         cmd = [str(BIN / "keras-vit"), "train", *args]
     else:
-        cmd = [str(BIN / "python"), "-m", "pytest", *args]
+        # Both cores (pytest-xdist): many tests wait on processes, imports and compilers.
+        workers = [] if any(a.startswith(("-n", "--numprocesses")) for a in args) else ["-n", "2"]
+        cmd = [str(BIN / "python"), "-m", "pytest", *workers, *args]
     sys.exit(subprocess.call(cmd, cwd=ROOT))
 
 

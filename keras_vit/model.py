@@ -57,11 +57,15 @@ class ViT(keras.Model):
     """
 
     def __init__(self, variant="B/16", *, image_size=224, num_classes=1000, patch_size=None,
-                 depth=None, num_channels=3, include_top=True, pooling="token", distilled=False,
+                 depth=None, num_channels=3, include_top=True, pooling="token", distilled=None,
                  representation_size=None, dropout_rate=0.0, attention_dropout_rate=0.0,
-                 drop_path_rate=0.0, gelu="tanh", classifier_activation=None,
-                 normalization="vit", dtype=None, name=None, **kwargs):
+                 drop_path_rate=0.0, gelu=None, classifier_activation=None,
+                 normalization=None, dtype=None, name=None, **kwargs):
         v = parse_variant(variant, patch_size)
+        # DeiT variants default to their checkpoints' exact GELU and ImageNet normalisation.
+        distilled = v.distilled if distilled is None else bool(distilled)
+        gelu = gelu or ("erf" if v.distilled else "tanh")
+        normalization = normalization or ("imagenet" if v.distilled else "vit")
         if depth is not None:
             v = dataclasses.replace(v, depth=_positive_int("depth", depth))
         height, width = image_hw(image_size)
@@ -87,11 +91,20 @@ class ViT(keras.Model):
             representation_size = _positive_int("representation_size", representation_size)
         else:
             representation_size = None
-        classifier_activation = (None if classifier_activation is None
-                                 else keras.activations.get(classifier_activation))
+        if classifier_activation is not None:
+            try:
+                classifier_activation = keras.activations.get(classifier_activation)
+            except (ValueError, TypeError):
+                raise ValueError(f"classifier_activation {classifier_activation!r} is not a "
+                                 "Keras activation: use None (logits), 'softmax' or "
+                                 "'sigmoid'.") from None
         norm = as_normalization(normalization)
-        policy = keras.dtype_policies.get(dtype) if dtype is not None else \
-            keras.config.dtype_policy()
+        try:
+            policy = keras.dtype_policies.get(dtype) if dtype is not None else \
+                keras.config.dtype_policy()
+        except (ValueError, TypeError):
+            raise ValueError(f"dtype {dtype!r} is not a Keras dtype policy: use 'float32', "
+                             "'mixed_bfloat16' or 'mixed_float16'.") from None
         # A float32 head keeps logits float32 under a mixed policy.
         head_dtype = "float32" if policy.variable_dtype == "float32" else policy
         prefix_tokens = int(pooling == "token") + int(bool(distilled))
@@ -258,7 +271,8 @@ def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=
         image_size: int or (height, width). Default: the resolution of the `weights`
             checkpoint (e.g. 384 for "augreg_in21k_ft_in1k_384"), else 224.
         pooling, gelu, representation_size, distilled, normalization: default to what the
-            `weights` checkpoint was trained with, else "token", "tanh", none, False, "vit".
+            `weights` checkpoint was trained with, else the variant's ("token", "tanh", none,
+            False, "vit"; DeiT: distilled, "erf", "imagenet").
         weights: optional weights: a Keras `.weights.h5` file; an original / AugReg /
             big_vision `.npz`; a Hugging Face or timm `.safetensors`, `.bin`, `.pt` or `.pth`
             file; or a published name such as "augreg_in21k" or "augreg_in21k_ft_in1k_384"
@@ -290,15 +304,22 @@ def build(variant, *, image_size=None, num_classes=1000, patch_size=None, depth=
         grid = checkpoint.position_grid if checkpoint is not None else None
         image_size = (grid[0] * v.stride, grid[1] * v.stride) if grid else 224
     model = ViT(v, image_size=image_size, num_classes=num_classes, num_channels=num_channels,
-                include_top=include_top, pooling=pooling or "token", distilled=bool(distilled),
+                include_top=include_top, pooling=pooling or "token", distilled=distilled,
                 representation_size=representation_size, dropout_rate=dropout_rate,
                 attention_dropout_rate=attention_dropout_rate, drop_path_rate=drop_path_rate,
-                gelu=gelu or "tanh", classifier_activation=classifier_activation,
-                normalization=normalization or "vit", dtype=dtype, name=name)
+                gelu=gelu, classifier_activation=classifier_activation,
+                normalization=normalization, dtype=dtype, name=name)
     if checkpoint is not None:
         checkpoints.load_checkpoint(model, checkpoint)
     elif weights is not None:
-        model.load_weights(weights)
+        from keras_vit.errors import CheckpointError
+
+        try:
+            model.load_weights(weights)
+        except (OSError, ValueError, KeyError) as err:
+            raise CheckpointError(
+                f"{weights} is not a readable Keras weights file for this model (damaged, or "
+                f"saved from another architecture): {str(err).splitlines()[0]}") from None
     return model
 
 
@@ -308,9 +329,22 @@ def load_model(path, *, compile=True):
     Files written by keras-vit 0.1 (a plain functional model) are converted to a `ViT` with
     the same weights (`upgrade_legacy_model`). Other Keras models load as they are.
     """
+    import os
+    import zipfile
+
     from keras_vit import recipes  # noqa: F401  registers the optimizers, schedules, losses
 
-    model = keras.saving.load_model(path, compile=compile)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such file.")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a readable .keras file (a .keras file is a zip "
+                         "archive that model.save writes; this one is damaged or something "
+                         "else).")
+    try:
+        model = keras.saving.load_model(path, compile=compile)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .keras file (damaged, or saved by code "
+                         f"that is not installed): {str(err).splitlines()[0][:300]}") from None
     return upgrade_legacy_model(model)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from keras_vit.errors import NotAnImageError
+from keras_vit.errors import KerasViTError, NotAnImageError
 from keras_vit.images import IMAGE_EXTENSIONS, read_image_file, resize_pixels
 
 # From this many images on, a Keras model runs its full batches compiled (see predict_decoded).
@@ -80,8 +80,29 @@ class Predictor:
             self.class_names, self.class_names_source = given, f"--labels {labels}"
         else:
             self.class_names, self.class_names_source = _labels_near(self.model_path.parent)
+        if self.class_names is None and self.kind == "tflite":
+            from keras_vit.export._metadata import labels_in
+
+            # The file's own TFLite Metadata (keras-vit 0.2 exports carry the class names).
+            self.class_names = labels_in(self.model_path.read_bytes())
+            self.class_names_source = f"{self.model_path.name}'s metadata"
 
     def _load(self):
+        try:
+            self._load_kind()
+        except ImportError:
+            raise  # a missing extra: its message says what to install
+        except Exception as err:  # noqa: BLE001 - each runtime raises its own kinds
+            if isinstance(err, (FileNotFoundError, KerasViTError)) or self.kind == "keras":
+                raise  # (keras_vit.load_model says what is wrong with a .keras file)
+            what = {"savedmodel": "a SavedModel TensorFlow can load",
+                    "tflite": "a TFLite model keras-vit can run",
+                    "onnx": "an ONNX model onnxruntime can run",
+                    "keras": "a readable .keras file"}[self.kind]
+            raise ValueError(f"{self.model_path} is not {what} (damaged, or another kind of "
+                             f"file): {str(err).strip().splitlines()[0][:200]}") from None
+
+    def _load_kind(self):
         if self.kind == "savedmodel":
             import tensorflow as tf
 

@@ -48,6 +48,9 @@ class Variant:
     # and the stem's base width; `patch_size` then applies to the stem's output.
     resnet: tuple = None
     resnet_width: int = 64
+    # DeiT ("DeiT-S/16"): a distillation token and head beside the class token's (Touvron et
+    # al. 2021), the exact GELU and ImageNet's mean/std normalisation, as its checkpoints.
+    distilled: bool = False
 
     def to_config(self):
         """The fields as JSON-friendly values (`parse_variant` takes them back)."""
@@ -77,9 +80,16 @@ class Variant:
         return self.resnet_width * 4 * 2 ** (len(self.resnet) - 1)
 
 
+# DeiT's sizes (Touvron et al. 2021): the paper's Ti, S and B with a distillation token.
+DEIT_SIZES = ("Ti", "S", "B")
+DEIT_PREFIX = "DeiT-"
+
+
 def variant_names():
-    """Every variant string `build` accepts, e.g. "Ti/16", "B/32", "H/14", "R50+B/16"."""
-    return [f"{size}/{patch}" for size in SIZES for patch in PATCH_SIZES] + list(_HYBRIDS)
+    """Every variant string `build` accepts, e.g. "Ti/16", "B/32", "H/14", "R50+B/16",
+    "DeiT-S/16"."""
+    return ([f"{size}/{patch}" for size in SIZES for patch in PATCH_SIZES] + list(_HYBRIDS)
+            + [f"{DEIT_PREFIX}{size}/16" for size in DEIT_SIZES])
 
 
 def parse_variant(variant, patch_size=None):
@@ -109,6 +119,13 @@ def parse_variant(variant, patch_size=None):
         return Variant(name, *SIZES[size], cell, resnet=resnet)
     if not isinstance(variant, str):
         raise TypeError(f"variant must be a string such as 'B/16', got {variant!r}")
+    if variant.strip().startswith(DEIT_PREFIX):
+        base = parse_variant(variant.strip()[len(DEIT_PREFIX):], patch_size)
+        if base.name.split("/")[0] not in DEIT_SIZES:
+            raise ValueError(f"Unknown DeiT variant {variant!r}: DeiT comes in "
+                             f"{', '.join(DEIT_PREFIX + s + '/16' for s in DEIT_SIZES)} (any "
+                             "patch size).")
+        return dataclasses.replace(base, name=DEIT_PREFIX + base.name, distilled=True)
     size, _, patch = variant.strip().partition("/")
     if size not in SIZES or (patch and not patch.isdigit()):
         raise ValueError(
@@ -146,7 +163,8 @@ def image_hw(image_size):
 
 
 def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
-                     num_channels=3, class_token=True, representation_size=None):
+                     num_channels=3, class_token=True, representation_size=None,
+                     distilled=None):
     """Parameter count of a ViT computed from its shapes, without building it.
 
     Matches `build(...).count_params()`; used for the variant table and to
@@ -156,14 +174,16 @@ def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
     from keras_vit.layers.patches import patch_grid
 
     v = parse_variant(variant, patch_size)
+    distilled = v.distilled if distilled is None else distilled
     rows, cols = patch_grid(*image_hw(image_size), v.stride)
     d, p = v.width, v.patch_size
-    tokens = rows * cols + (1 if class_token else 0)
+    prefix = (1 if class_token else 0) + (1 if distilled else 0)
+    tokens = rows * cols + prefix
     stem = 0
     if v.is_hybrid:
         stem = _resnet_stem_parameters(v.resnet, v.resnet_width, num_channels)
         num_channels = v.stem_channels
-    embed = stem + p * p * num_channels * d + d + tokens * d + (d if class_token else 0)
+    embed = stem + p * p * num_channels * d + d + tokens * d + prefix * d
     block = 2 * 2 * d + 4 * (d * d + d) + (d * v.mlp_dim + v.mlp_dim) + (v.mlp_dim * d + d)
     features = d
     pre_logits = 0
@@ -171,7 +191,8 @@ def count_parameters(variant, image_size=224, num_classes=1000, patch_size=None,
         pre_logits = d * representation_size + representation_size
         features = representation_size
     head = features * num_classes + num_classes if num_classes else 0
-    return embed + v.depth * block + 2 * d + pre_logits + head
+    heads = 2 if distilled else 1  # DeiT: a distillation head beside the class token's
+    return embed + v.depth * block + 2 * d + pre_logits + heads * head
 
 
 def _resnet_stem_parameters(stage_depths, width, num_channels):

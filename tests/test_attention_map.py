@@ -86,6 +86,7 @@ def test_gap_and_hybrid_models_and_other_image_sizes():
     assert heat.shape == (2, 64, 64) and np.all((heat >= 0) & (heat <= 1))
 
 
+@pytest.mark.slow
 def test_overlay_sheet_command_and_script(tmp_path, capsys):
     from matplotlib import colormaps
 

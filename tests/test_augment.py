@@ -171,6 +171,7 @@ def test_cutmix_labels_weigh_the_pixels_each_image_shows(size):
     assert (shown.max(axis=1) < 1).sum() >= count // 2  # most images did get a patch
 
 
+@pytest.mark.slow
 def test_augmented_batches_are_the_same_in_every_run_and_when_resumed():
     # Each batch's draws come from (seed, batch number), not from the layers' seed state that
     # tf.data's parallel calls advance in any order: a second pipeline gives the same batches,

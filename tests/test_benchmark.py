@@ -5,11 +5,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 TINY = ["--variants", "Ti/16", "--batch-sizes", "2", "--image-size", "32", "--depth", "1",
         "--repeats", "1", "--warmup", "0", "--train-steps", "1", "--train-batch-size", "8",
         "--train-image-size", "16", "--memory-variant", "Ti/16", "--memory-batch-size", "2"]
 
 
+@pytest.mark.slow
 def test_benchmark_prints_table_with_ratios(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -36,6 +39,7 @@ def test_benchmark_prints_table_with_ratios(tmp_path):
     assert saved["peak_gflops"] > 0 and len(saved["rows"]) == len(rows)
 
 
+@pytest.mark.slow
 def test_accelerator_benchmark_runs_without_tensorflow_and_reports_mfu():
     """The GPU benchmark runs where only Keras and another backend are installed (the device
     machines have Keras on JAX, no TensorFlow): here on the torch backend, tiny settings."""

@@ -51,12 +51,14 @@ def image_folder(tmp_path_factory):
 
 def test_scan_reports_each_unreadable_file_and_keeps_the_rest(image_folder):
     root, good, bad = image_folder
-    paths, labels, class_names, skipped = scan_folder(root)
+    paths, labels, class_names, skipped, sizes = scan_folder(root)
     assert class_names == ["cat", "dog"]
     assert sorted(paths) == sorted(str(p) for p in good)
     assert len(skipped) == 4
     assert sorted(line.split(": ")[0] for line in skipped) == [str(p) for p in bad]
     assert (np.bincount(labels) == [14, 14]).all()
+    # Each readable image's stored size, for the defaults that fit the data.
+    assert len(sizes) == len(paths) and all(len(size) == 2 and min(size) > 0 for size in sizes)
 
 
 @pytest.fixture()
@@ -90,6 +92,7 @@ def test_a_later_scan_decodes_only_files_added_changed_or_failed(counted_scan):
     again = scan_folder(root)
     assert sorted(decoded) == sorted(bad)  # failures are checked again, the rest is known
     assert again[0] == first[0] and again[3] == first[3] and (again[1] == first[1]).all()
+    assert again[4] == first[4]  # the sizes come from the cache
 
     truncated, rewritten = good[0], good[1]
     truncated.write_bytes(truncated.read_bytes()[:100])
@@ -115,7 +118,7 @@ def test_a_failed_read_is_not_remembered(counted_scan, monkeypatch):
     check = data._check_image_file
     flaky = str(good[0])
     monkeypatch.setattr(data, "_check_image_file",
-                        lambda path: "Input/output error" if path == flaky else check(path))
+                        lambda path: ("Input/output error", None) if path == flaky else check(path))
     assert any(line.startswith(flaky) for line in scan_folder(root)[3])
     monkeypatch.setattr(data, "_check_image_file", check)
     assert flaky in scan_folder(root)[0]
@@ -124,7 +127,7 @@ def test_a_failed_read_is_not_remembered(counted_scan, monkeypatch):
 def test_a_broken_link_is_reported_not_fatal(counted_scan):
     root, good, bad, decoded = counted_scan
     (root / "cat" / "gone.png").symlink_to(root / "cat" / "never_there.png")
-    paths, _, _, skipped = scan_folder(root)
+    paths, _, _, skipped, _ = scan_folder(root)
     assert len(paths) == len(good)
     assert any(line.startswith(str(root / "cat" / "gone.png")) for line in skipped)
 
@@ -142,7 +145,7 @@ def test_scan_works_without_a_usable_cache(image_folder, monkeypatch, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("KERAS_VIT_CACHE", str(blocker))  # cannot hold a cache folder
-    paths, _, _, skipped = scan_folder(root)
+    paths, _, _, skipped, _ = scan_folder(root)
     assert len(paths) == len(good) and len(skipped) == len(bad)
     assert [p.name for p in tmp_path.iterdir()] != [] and not list(tmp_path.glob("**/*.partial"))
 
@@ -247,6 +250,7 @@ def test_folder_errors_say_what_to_do(tmp_path):
         scan_folder(tmp_path)
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_with_bad_files_survives_the_epoch(image_folder, tmp_path):
     root, _, _ = image_folder
     result = subprocess.run(

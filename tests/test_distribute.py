@@ -78,6 +78,7 @@ def _check_ok(results):
 
 # ------------------------------------------------------------------ training in subprocesses
 
+@pytest.mark.slow
 def test_mirrored_on_two_logical_cpus_trains_a_vit(tmp_path):
     proc = subprocess.run([sys.executable, str(WORKER), "mirrored", "--out", str(tmp_path)],
                           cwd=ROOT, env=_env(), capture_output=True, text=True,
@@ -133,6 +134,7 @@ for name, strategy in [("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
 """
 
 
+@pytest.mark.slow
 def test_gradient_clipping_is_global_across_replicas(tmp_path):
     # One SGD step of lr 1 from zeros is the clipped gradient itself: two replicas must take
     # the step one device takes with the whole batch (Keras' own clipped each replica's half).
@@ -148,6 +150,7 @@ def test_gradient_clipping_is_global_across_replicas(tmp_path):
     assert np.linalg.norm(steps["two", "keras.src.optimizers.sgd.SGD"]) > 1.1  # Keras' own
 
 
+@pytest.mark.slow
 def test_multi_worker_fit_two_processes(multi_worker_run):
     run_dir, report_dir, (chief, other) = multi_worker_run
     assert chief["replicas"] == other["replicas"] == 2
@@ -203,6 +206,7 @@ def test_multi_worker_fit_two_processes(multi_worker_run):
         np.testing.assert_array_equal(saved, trained)
 
 
+@pytest.mark.slow
 def test_keras_20585_still_reproduces_without_the_fix(multi_worker_run):
     """Fails when Keras fixes keras-team/keras#20585: then drop `fix_keras_20585`.
 

@@ -50,7 +50,7 @@ def _assert_same_training(a, b, atol=2e-6):
         np.testing.assert_allclose(history_a[key], history_b[key], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_parts_give_the_whole_batch_update(jit):
     x, y, _ = _data()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(12)
@@ -68,6 +68,7 @@ def test_unequal_and_unknown_batch_sizes_and_sample_weights():
     _assert_same_training(_train(1, dataset), _train(3, dataset))
 
 
+@pytest.mark.slow
 def test_adamw_and_mixed_precision_loss_scaling():
     x, y, _ = _data(8)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
@@ -125,6 +126,11 @@ def test_auto_micro_batches():
     assert auto_micro_batches(80, 65) == 2       # 2 parts of 40 (4 of 20 are too small)
     assert auto_micro_batches(128, 65, "GPU") == 1
     assert auto_micro_batches(128, 65, "TPU") == 1
+    # S/16 at 224, batch 128: at most 4 parts (each one more compiles longer), and none for a
+    # short run, which the longer first step would cost more than it saves.
+    assert auto_micro_batches(128, 197) == 4
+    assert auto_micro_batches(128, 197, total_steps=30) == 1
+    assert auto_micro_batches(128, 65, total_steps=500) == 4
 
 
 _MIRRORED_SCRIPT = """
@@ -150,6 +156,7 @@ for name, strategy, parts in [("one", tf.distribute.OneDeviceStrategy("/cpu:0"),
 """
 
 
+@pytest.mark.slow
 def test_micro_batches_under_mirrored_strategy():
     # Two replicas, each splitting its 16 examples in 4 parts, step as one device does.
     proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True,

@@ -233,6 +233,7 @@ def test_summary_names_are_readable():
         assert name in text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pooling", ["gap", "token"])
 def test_keras_file_round_trip_in_a_fresh_process(tmp_path, pooling):
     model = randomize_weights(small(gelu="erf", pooling=pooling, representation_size=8,
@@ -303,6 +304,7 @@ def test_matches_keras_hub_vit_backbone_with_the_same_weights():
     np.testing.assert_allclose(ours(x), peer(x)[:, 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_runs_on_the_torch_backend_with_the_same_numbers(tmp_path):
     pytest.importorskip("torch")
     model = randomize_weights(small(gelu="erf"))

@@ -11,6 +11,9 @@ from keras_vit.predict import NotAnImageError, Predictor, collect_images
 from tests.test_export import (CLASS_NAMES, HAVE_ONNX, SIZE, color_images, encode_bmp,
                                keras_probabilities, shared_export)
 
+# Every test here reads one full export (made once per session: shared_export).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -227,3 +230,38 @@ def test_counts_must_be_positive(setup, capsys):
     assert "--top-k: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         Predictor(model).predict(setup["paths"][:1], top_k=-1)
+
+
+def test_tflite_labels_come_from_its_metadata_and_old_files_still_predict(setup, tmp_path):
+    from keras_vit.export._metadata import labels_in
+
+    alone = tmp_path / "alone"
+    alone.mkdir()  # no labels.txt beside it: the file's own metadata names the classes
+    content = (setup["out"] / "tiny_float32.tflite").read_bytes()
+    assert labels_in(content) == CLASS_NAMES
+    (alone / "m.tflite").write_bytes(content)
+    predictor = Predictor(alone / "m.tflite")
+    assert predictor.class_names == CLASS_NAMES and "metadata" in predictor.class_names_source
+    top = predictor.predict(setup["paths"][:2], top_k=1)
+    assert all(label in CLASS_NAMES for (label, _), in top)
+    # A file of keras-vit 0.1 (no metadata): predicts, names from labels.txt or class_N.
+    old = tmp_path / "old"
+    old.mkdir()
+    legacy = without_metadata(content)
+    assert labels_in(legacy) is None
+    (old / "m.tflite").write_bytes(legacy)
+    plain = Predictor(old / "m.tflite").predict(setup["paths"][:2], top_k=1)
+    assert [s for (_, s), in plain] == pytest.approx([s for (_, s), in top], abs=1e-6)
+    assert all(label.startswith("class_") for (label, _), in plain)
+    (old / "labels.txt").write_text("\n".join(CLASS_NAMES) + "\n")
+    assert Predictor(old / "m.tflite").predict(setup["paths"][:2], top_k=1) == top
+
+
+def without_metadata(content):
+    """A .tflite file as keras-vit 0.1 wrote it: the converter's output, no TFLite Metadata."""
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    model.metadata = [m for m in model.metadata if m.name not in (b"TFLITE_METADATA",
+                                                                  "TFLITE_METADATA")]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))  # no zip after it

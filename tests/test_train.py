@@ -49,6 +49,7 @@ def finished_run(tmp_path_factory):
     return out, result.stdout
 
 
+@pytest.mark.slow
 def test_the_same_command_trains_the_same_weights(tmp_path):
     # Every random draw (split, batch order, crops, augmentations, stochastic depth, initial
     # weights) comes from --seed: run again, the same command ends with bit-identical weights
@@ -64,6 +65,7 @@ def test_the_same_command_trains_the_same_weights(tmp_path):
     assert fingerprint("first") == fingerprint("again")
 
 
+@pytest.mark.slow
 def test_run_folder_has_everything_and_the_summary_line(finished_run):
     out, stdout = finished_run
     assert "Ti/16 (8x8 images, 16 tokens of 2x2 px) on digits" in stdout
@@ -89,6 +91,7 @@ def test_run_folder_has_everything_and_the_summary_line(finished_run):
     assert not (out / "backup").exists()  # removed once the run is finished
 
 
+@pytest.mark.slow
 def test_saved_model_loads_in_a_fresh_process_and_has_no_augmentation(finished_run):
     out, stdout = finished_run
     code = ("import sys, numpy as np, keras, keras_vit; "
@@ -106,6 +109,7 @@ def test_saved_model_loads_in_a_fresh_process_and_has_no_augmentation(finished_r
     assert "Random" not in layer_types and "MixUp" not in layer_types
 
 
+@pytest.mark.slow
 def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, caplog):
     out, _ = finished_run
     from keras_vit.training.config import TrainConfig
@@ -118,6 +122,7 @@ def test_same_command_after_a_finished_run_starts_a_new_folder(finished_run, cap
         in caplog.text
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_where_it_was(tmp_path):
     out = tmp_path / "killed"
     # --validation-split 0 (train on every labelled image): fit without validation data.
@@ -262,6 +267,7 @@ def test_bad_flags_stop_before_anything_is_written_and_say_what_to_do(tmp_path, 
     assert not out.exists()  # nothing left behind: the corrected command starts afresh
 
 
+@pytest.mark.slow
 def test_a_model_of_one_token_is_warned_about(tmp_path, capsys):
     from keras_vit import cli
 
@@ -312,6 +318,7 @@ def test_digits_defaults_shape_only_the_default_variant():
     assert (same.patch_size, same.depth) == (1, 6)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_backup(tmp_path):
     out = tmp_path / "nan"
     result = run_train(out, "--epochs", "3", "--learning-rate", "1e12", "--clip-norm", "0",
@@ -398,6 +405,7 @@ def test_a_tfds_dataset_without_a_test_split_holds_one_out_of_train(tmp_path):
     assert len(list(no_validation.validation)) == 0
 
 
+@pytest.mark.slow
 def test_train_runs_on_a_prepared_tfds_dataset_in_a_fresh_process(tmp_path):
     # A fresh process has no builder class for the name: TFDS reads the prepared files.
     _prepare_tfds_dataset(tmp_path / "tfds", "tiny_digits")
@@ -514,6 +522,7 @@ def test_augmentation_keeps_range_and_mixes_labels():
     np.testing.assert_array_equal(plain_labels, tf.one_hot(labels, 4))
 
 
+@pytest.mark.slow
 def test_fine_tunes_a_checkpoint_at_a_new_resolution_with_the_sgd_preset(tmp_path):
     import keras_vit
 
@@ -743,3 +752,40 @@ def test_workers_that_restored_different_backups_stop_with_the_fix(tmp_path, mon
     with pytest.raises(ResumeError, match=r"restored different backups \(batches trained, one "
                                           r"per replica: \[50, 100\];.*latest\.weights\.h5\.bkp"):
         train(config)
+
+
+@pytest.mark.parametrize("sizes, train, given, expected, said", [
+    # 24x24 photos, 15 of them: kept at 24x24 in 3 px patches (8x8 tokens), Ti with 6 blocks,
+    # a batch of 8 (not 128 of 15).
+    ([(24, 24)], 15, {}, dict(variant="Ti/3", image_size=(24, 24), depth=6, batch_size=8),
+     "24x24 images (median 24x24: not upscaled) in 3x3 px patches (8x8 tokens)"),
+    # CIFAR-size, 45,000 to train on: 32x32 in 4 px patches, Ti, the default batch.
+    ([(32, 32)], 45_000, {}, dict(variant="Ti/4", image_size=(32, 32), depth=None,
+                                   batch_size=128), "Ti/4 for 45,000 training images"),
+    # Photos larger than 224: the paper's 224 with 16 px patches; S for a large set.
+    ([(375, 500)], 100_000, {}, dict(variant="S/16", image_size=(224, 224), depth=None,
+                                      batch_size=128), "S/16 for 100,000"),
+    # Non-square small images keep their shape, rounded to the patch.
+    ([(40, 60), (44, 62), (36, 58)], 2_000, {},
+     dict(variant="Ti/5", image_size=(40, 60), depth=6), "40x60 images"),
+    # What the user set stays; only the unset batch follows the data.
+    ([(24, 24)], 15, dict(variant="S/16", image_size="32"),
+     dict(variant="S/16", image_size=(32, 32), batch_size=8), "batch 8 (the training set has 15)"),
+])
+def test_defaults_fit_the_data(sizes, train, given, expected, said):
+    from keras_vit.training.config import TrainConfig
+    from keras_vit.training.data import Data
+    from keras_vit.training.defaults import fit_to_data
+
+    user = TrainConfig(data="folder:photos", **given)
+    data = Data({}, decode=None, image_size=(224, 224), class_names=["a", "b"],
+                sizes={"train": train, "validation": 0, "test": 1}, source_sizes=sizes)
+    config, why = fit_to_data(user, user.resolved(), data)
+    for key, value in expected.items():
+        assert getattr(config, key) == value, (key, getattr(config, key))
+    assert said in why and "to choose yourself" in why
+    # The digits keep their measured defaults; a checkpoint keeps its model.
+    digits = TrainConfig()
+    assert fit_to_data(digits, digits.resolved(), data) == (digits.resolved(), None)
+    with_weights = TrainConfig(data="folder:photos", weights="augreg_in21k", batch_size=8)
+    assert fit_to_data(with_weights, with_weights.resolved(), data)[0].variant == "S/16"

@@ -33,6 +33,8 @@ RUN_FILES = ["config.json", "curves.png", "history.csv", "logs", "model.keras", 
 TIMEOUT_S = 240  # per run; healthy: ~40 s (mirrored), ~60 s (2 workers) on 2 busy cores
 GRACE_S = 30  # how long the other workers may go on after one failed
 
+pytestmark = pytest.mark.slow
+
 
 def _env(**extra):
     env = dict(os.environ)

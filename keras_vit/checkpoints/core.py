@@ -353,29 +353,32 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
               "as the reference's fine-tuning does (build with representation_size=N, or leave "
               "it unset with weights=, to keep it).")
 
-    # Head: kept if it fits, else fresh zeros for the new classes.
-    head_kernel = params.get("head/kernel")
-    if info["has_head"]:
-        kernel_var, kernel_shape = targets["head/kernel"]
-        if head_kernel is not None and dropped_pre_logits:
-            _warn("The checkpoint's head reads pre_logits, which is dropped: the model's "
-                  f"{kernel_shape[-1]}-class head starts from zeros (fine-tune it).")
-            params.pop("head/kernel"), params.pop("head/bias", None)
-            _zero_head(targets, assignments)
-        elif head_kernel is None:
-            _warn(f"{checkpoint.path} has no classification head: the model's "
-                  f"{kernel_shape[-1]}-class head starts from zeros.")
-            _zero_head(targets, assignments)
-        elif (head_kernel.array.ndim == 2 and head_kernel.array.shape[0] == kernel_shape[0]
-              and head_kernel.array.shape[1] != kernel_shape[1]):
-            _warn(f"The checkpoint's head has {head_kernel.array.shape[1]} classes and the model "
-                  f"{kernel_shape[1]}: the head is initialised to zeros (fine-tune it).")
-            params.pop("head/kernel"), params.pop("head/bias", None)
-            _zero_head(targets, assignments)
-    elif head_kernel is not None:
-        _warn(f"The checkpoint's {head_kernel.array.shape[-1]}-class head is not loaded: the "
-              "model was built with include_top=False.")
-        params.pop("head/kernel"), params.pop("head/bias", None)
+    # Heads (the class token's, and DeiT's distillation head): kept if they fit, else fresh
+    # zeros for the new classes.
+    for head in ("head", "head_dist"):
+        head_kernel = params.get(f"{head}/kernel")
+        if f"{head}/kernel" in targets:
+            kernel_var, kernel_shape = targets[f"{head}/kernel"]
+            if head_kernel is not None and dropped_pre_logits:
+                _warn(f"The checkpoint's {head} reads pre_logits, which is dropped: the model's "
+                      f"{kernel_shape[-1]}-class {head} starts from zeros (fine-tune it).")
+                params.pop(f"{head}/kernel"), params.pop(f"{head}/bias", None)
+                _zero_head(targets, assignments, head)
+            elif head_kernel is None:
+                _warn(f"{checkpoint.path} has no {'classification head' if head == 'head' else head}"
+                      f": the model's {kernel_shape[-1]}-class {head} starts from zeros.")
+                _zero_head(targets, assignments, head)
+            elif (head_kernel.array.ndim == 2 and head_kernel.array.shape[0] == kernel_shape[0]
+                  and head_kernel.array.shape[1] != kernel_shape[1]):
+                _warn(f"The checkpoint's {head} has {head_kernel.array.shape[1]} classes and the "
+                      f"model {kernel_shape[1]}: the {head} is initialised to zeros (fine-tune "
+                      "it).")
+                params.pop(f"{head}/kernel"), params.pop(f"{head}/bias", None)
+                _zero_head(targets, assignments, head)
+        elif head_kernel is not None and not info["has_head"]:
+            _warn(f"The checkpoint's {head_kernel.array.shape[-1]}-class {head} is not loaded: "
+                  "the model was built with include_top=False.")
+            params.pop(f"{head}/kernel"), params.pop(f"{head}/bias", None)
 
     table = _position_embeddings(checkpoint, params, info, interpolation, source_grid, problems)
     if table is not None:
@@ -402,6 +405,9 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
             hint = " (MAP-head pooling is not supported)"
         elif key == "cls":
             hint = " (the model has no class token: build it with pooling='token')"
+        elif key in ("dist", "head_dist/kernel", "head_dist/bias"):
+            hint = (" (a distilled DeiT checkpoint: build a DeiT variant, e.g. 'DeiT-S/16', "
+                    "or leave distilled unset with weights=)")
         extras.append(f"extra: {entry.source_key!r} {tuple(entry.source_shape)} is not in the "
                       f"model{hint}")
 
@@ -429,8 +435,8 @@ def load_checkpoint(model, checkpoint, *, strict=True, interpolation="bilinear",
     return checkpoint
 
 
-def _zero_head(targets, assignments):
-    for key in ("head/kernel", "head/bias"):
+def _zero_head(targets, assignments, head="head"):
+    for key in (f"{head}/kernel", f"{head}/bias"):
         variable, _ = targets.pop(key)
         assignments.append((variable, np.zeros(tuple(variable.shape), np.float32)))
 

@@ -32,6 +32,12 @@ _SCANNED = "Transformer/encoderblock/"
 
 def read_npz_arrays(path):
     """All arrays of an `.npz` file, loaded with `allow_pickle=False`."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # not a zip: NumPy would try to unpickle it
+        what = "an empty file" if not magic else "not an .npz archive (a zip of .npy arrays)"
+        raise CheckpointError(f"{path} is {what}: give the .npz checkpoint file as downloaded "
+                              "(or a .safetensors / .bin / .pt / .pth / .weights.h5 file).")
     try:
         with np.load(path, allow_pickle=False) as archive:
             if not hasattr(archive, "files"):
@@ -45,7 +51,9 @@ def read_npz_arrays(path):
                         f"{path}: key {key!r} holds Python objects, which would need "
                         f"unpickling (allow_pickle=False refuses it): {err}") from err
             return arrays
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
         raise CheckpointError(f"{path} is not a readable .npz file (truncated or corrupt?): "
                               f"{err}") from err
 

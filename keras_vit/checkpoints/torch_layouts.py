@@ -108,8 +108,8 @@ def read_torch_weights(path):
     if any(k.startswith("patch_embed.") for k in arrays):
         return _from_timm(arrays, path)
     sample = ", ".join(sorted(arrays)[:8])
-    raise CheckpointError(f"{path} is neither a Hugging Face ViT nor a timm vit_* state dict "
-                          f"(keys: {sample}, ...).")
+    raise CheckpointError(f"{path} is neither a Hugging Face ViT / DeiT nor a timm vit_* / "
+                          f"deit_* state dict (keys: {sample}, ...).")
 
 
 # ---------------------------------------------------------------------------
@@ -213,6 +213,12 @@ _HF_TOP = {
     "pooler.dense.bias": ("pre_logits/bias", _same),
     "classifier.weight": ("head/kernel", _linear),
     "classifier.bias": ("head/bias", _same),
+    # DeiT (DeiTForImageClassificationWithTeacher): a distillation token and a second head.
+    "embeddings.distillation_token": ("dist", _same),
+    "cls_classifier.weight": ("head/kernel", _linear),
+    "cls_classifier.bias": ("head/bias", _same),
+    "distillation_classifier.weight": ("head_dist/kernel", _linear),
+    "distillation_classifier.bias": ("head_dist/bias", _same),
 }
 _HF_BACKBONE = "embeddings.patch_embeddings.backbone.bit."
 
@@ -220,8 +226,10 @@ _HF_BACKBONE = "embeddings.patch_embeddings.backbone.bit."
 def _from_hf(arrays, path):
     out = _Builder()
     v4 = any(".attention.attention." in k or "encoder.layer." in k for k in arrays)
+    model_prefix = next((p for p in ("vit.", "deit.") if any(k.startswith(p) for k in arrays)),
+                        "")
     for source, array in arrays.items():
-        key = source[len("vit."):] if source.startswith("vit.") else source
+        key = source[len(model_prefix):] if source.startswith(model_prefix) else source
         key = _hf_to_v5(key)
         if key in _HF_TOP:
             name, convert = _HF_TOP[key]
@@ -238,14 +246,12 @@ def _from_hf(arrays, path):
             out.add(hybrid[0], source, array, hybrid[1])
             continue
         out.extra(source, array)
-    with_vit = any(k.startswith("vit.") for k in arrays)
-
     def namer(canonical):
         top = {v[0]: k for k, v in _HF_TOP.items()}
-        prefix = "vit." if with_vit else ""
+        prefix = model_prefix
         if canonical in top:
             name = top[canonical]
-            return name if name.startswith("classifier") else prefix + name
+            return name if "classifier" in name else prefix + name
         m = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", canonical)
         if m:
             for k, (name, _, _) in _HF_BLOCK.items():
@@ -254,7 +260,8 @@ def _from_hf(arrays, path):
                     return prefix + (_v5_to_v4(v5) if v4 else v5)
         return canonical
 
-    return Checkpoint(out.params, path=path, layout="hf", gelu=_hf_gelu(path), namer=namer)
+    return Checkpoint(out.params, path=path, layout="hf", gelu=_hf_gelu(path), namer=namer,
+                      normalization=_normalization_beside(path, "dist" in out.params))
 
 
 def _v5_to_v4(key):
@@ -266,6 +273,28 @@ def _v5_to_v4(key):
                      (".mlp.fc1.", ".intermediate.dense."), (".mlp.fc2.", ".output.dense.")):
         key = key.replace(new, old)
     return key
+
+
+def _normalization_beside(path, distilled):
+    """The input normalisation the weights were trained with: from the Hub files beside them
+    (Hugging Face's preprocessor_config.json: image_mean/image_std; timm's config.json:
+    pretrained_cfg mean/std), else ImageNet's for DeiT (a distillation token, or "deit" in the
+    file's name), else [-1, 1] (Google's ViT weights and their ports)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for name, keys in (("preprocessor_config.json", ("image_mean", "image_std")),
+                       ("config.json", ("mean", "std"))):
+        try:
+            with open(os.path.join(folder, name)) as f:
+                config = json.load(f)
+        except (OSError, ValueError):
+            continue
+        config = config.get("pretrained_cfg", config) if name == "config.json" else config
+        if all(key in config for key in keys):
+            mean, std = (config[key] for key in keys)
+            return {"mean": [255.0 * m for m in mean], "std": [255.0 * s for s in std]}
+    if distilled or "deit" in os.path.basename(str(path)).lower():
+        return "imagenet"
+    return "vit"
 
 
 def _hf_gelu(path):
@@ -300,6 +329,10 @@ _TIMM_TOP = {
     "pre_logits.fc.bias": ("pre_logits/bias", _same),
     "head.weight": ("head/kernel", _linear),
     "head.bias": ("head/bias", _same),
+    # DeiT (deit_*_distilled_*): a distillation token and a second head.
+    "dist_token": ("dist", _same),
+    "head_dist.weight": ("head_dist/kernel", _linear),
+    "head_dist.bias": ("head_dist/bias", _same),
 }
 
 
@@ -358,4 +391,5 @@ def _from_timm(arrays, path):
                     return f"blocks.{m[1]}.{k}"
         return canonical
 
-    return Checkpoint(params, path=path, layout="timm", gelu="erf", namer=namer)
+    return Checkpoint(params, path=path, layout="timm", gelu="erf", namer=namer,
+                      normalization=_normalization_beside(path, "dist" in params))

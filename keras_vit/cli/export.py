@@ -56,6 +56,10 @@ def run(args):
     options = dict(name=args.name, version=args.version, formats=tuple(args.formats),
                    tflite_variants=tuple(args.tflite_variants), top_k=args.top_k,
                    verify=not args.no_verify)
+    if Path(out).exists() and not Path(out).is_dir():
+        error("export", f"--out {out} is a file: give a folder to export into (it is created "
+                        "if missing).")
+        return 2
     try:
         if model_path.suffix == ".keras" or model_path.is_file():
             report = export_model(**_keras_file(args, model_path), **options, out_dir=out)

@@ -18,8 +18,8 @@ from keras_vit.training.config import (DATA_DEFAULTS, DISTILLATIONS, PRECISIONS,
 
 GROUPS = {
     "data": ("data", "data_dir", "validation_split", "test_split", "train_fraction"),
-    "model": ("variant", "image_size", "patch_size", "depth", "pooling", "gelu", "weights",
-              "dropout", "attention_dropout", "drop_path"),
+    "model": ("variant", "image_size", "patch_size", "depth", "pooling", "gelu", "normalization",
+              "weights", "dropout", "attention_dropout", "drop_path"),
     "recipe": ("preset", "optimizer", "epochs", "batch_size", "learning_rate", "weight_decay",
                "momentum", "warmup_epochs", "schedule", "clip_norm", "label_smoothing",
                "crop_area", "flip", "translate", "rotate", "zoom", "randaugment", "mixup",
@@ -30,7 +30,8 @@ GROUPS = {
                "micro_batches", "checkpoint_every"),
     "output": ("out", "export", "export_dir", "verbose"),
 }
-CHOICES = {"pooling": ("token", "gap"), "gelu": ("tanh", "erf"), "preset": sorted(PRESETS),
+CHOICES = {"pooling": ("token", "gap"), "gelu": ("tanh", "erf"),
+           "normalization": ("vit", "imagenet", "none"), "preset": sorted(PRESETS),
            "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "linear"),
            "strategy": STRATEGIES, "precision": PRECISIONS, "jit_compile": ("auto", "on", "off"),
            "distillation": DISTILLATIONS}
@@ -119,6 +120,8 @@ def run(args):
     print(f"time: {result.train_seconds:.0f} s")
     # The same on every worker of a multi-worker run (they train one model in lockstep).
     print(f"weights fingerprint: {result.weights_fingerprint}")
+    if "teacher_test_accuracy" in result.config:
+        print(f"teacher test accuracy: {result.config['teacher_test_accuracy']:.4f}")
     print(f"test loss: {result.test_loss:.4f}")
     print(f"test accuracy: {result.test_accuracy:.4f}")
     return 0

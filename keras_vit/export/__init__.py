@@ -46,6 +46,7 @@ ONNX_TOLERANCE = 1e-4
 LABELS_FILE = "labels.txt"
 REPORT_FILE = "report.json"
 _VERIFY_SCRIPT = Path(__file__).with_name("_verify_savedmodel.py")
+_MEDIAPIPE_SCRIPT = Path(__file__).with_name("_verify_mediapipe.py")
 
 
 def export_run(run_dir, out_dir, *, name=None, version=1, formats=("savedmodel", "tflite"),
@@ -109,7 +110,7 @@ def export_model(model, out_dir, *, class_names, name=None, version=1,
         verify: compare every file with the Keras model and raise on a mismatch.
         tflite_variants: any of "float32", "float16", "dynamic_int8", "int8".
         test_images: uint8 `(n, H, W, 3)` held-out images to verify on (with `test_labels`,
-            accuracy is reported too). Without them, verification runs on 32 images made
+            accuracy is reported too); resized to the model's size as training does. Without them, verification runs on 32 images made
             here (the report says so): agreement with Keras is checked, accuracy is not.
         calibration_images: uint8 training images for the full-integer int8 file. Without
             them it is calibrated on `test_images`; with neither, the int8 file is skipped
@@ -163,6 +164,9 @@ def export_model(model, out_dir, *, class_names, name=None, version=1,
             notes.append("the full-integer int8 file was skipped: it needs calibration images "
                          "from the training data (calibration_images=, or --images)")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file: give a folder to export into (it is created if "
+                         "missing).")
     name = name or out.name
     if "savedmodel" in formats:
         _check_version_folder(out / str(version))  # before the slow steps
@@ -216,8 +220,11 @@ def export_model(model, out_dir, *, class_names, name=None, version=1,
 
         if "tflite" in formats:
             cal = None if calibration is None else calibration[:max_calibration_images]
+            kind = f"ViT {model.variant.name}" if hasattr(model, "variant") else model.name
+            description = (f"{kind} image classifier, {image_size[0]}x{image_size[1]} RGB, "
+                           f"{len(class_names)} classes")
             report.results += _export_tflite(infer, stage, name, tflite_variants, cal, test,
-                                             reference, log)
+                                             reference, log, class_names, description)
         if "onnx" in formats:
             report.results.append(_export_onnx(infer, stage, name, test, reference, log))
     except ExportVerificationError as err:  # e.g. the SavedModel does not load
@@ -325,10 +332,10 @@ def _check_images(what, images, image_size, labels=None):
                          f"{images.dtype} {images.shape}.")
     if len(images) == 0:
         return None
-    if tuple(images.shape[1:3]) != tuple(image_size):
-        raise ValueError(f"{what} are {images.shape[1]}x{images.shape[2]} but the model takes "
-                         f"{image_size[0]}x{image_size[1]}: resize them first "
-                         "(keras_vit.images.resize_image).")
+    if tuple(images.shape[1:3]) != tuple(image_size):  # as training resizes them
+        from keras_vit.images import resize_image
+
+        images = resize_image(images, image_size).numpy()
     if labels is not None:
         labels = np.asarray(labels).astype(np.int64)
         if labels.shape != (len(images),):
@@ -528,8 +535,10 @@ def run_fresh_verifier(sm_dir, data_path, result_path, timeout=900):
 
 # --- TFLite --------------------------------------------------------------------------------
 
-def _export_tflite(infer, out, name, variants, calibration, test, reference, log):
-    from keras_vit.export import _tflite
+def _export_tflite(infer, out, name, variants, calibration, test, reference, log, class_names,
+                   description):
+    from keras_vit import __version__
+    from keras_vit.export import _metadata, _tflite
     from keras_vit.export._graph import write_fixed_size_saved_model
 
     results = []
@@ -541,13 +550,24 @@ def _export_tflite(infer, out, name, variants, calibration, test, reference, log
             with _tflite.quiet_stderr():
                 content = _tflite.convert(Path(tmp) / "fixed", variant, calibration)
             _tflite.check_builtin_only(content, path.name)
+            # The metadata MediaPipe Tasks and the LiteRT support libraries read: without it
+            # MediaPipe refuses float input and names no class.
+            content = _metadata.add_metadata(
+                content, class_names, name=f"{name} ({variant})", version=__version__,
+                description=f"{description}; TFLite {variant}; made by keras-vit "
+                            f"{__version__}")
             path.write_bytes(content)
             result = FormatResult(f"tflite_{variant}", str(path), path.stat().st_size,
                                   tolerance=TFLITE_FLOAT32_TOLERANCE
                                   if variant == "float32" and reference else None)
+            problems = _tflite.client_contract_problems(content)
             if reference is not None:
                 _verify_tflite(path, test, reference, result)
+            if problems:
+                result.error = "; ".join(filter(None, [result.error, *problems]))
             results.append(result)
+    if reference is not None and results:
+        _verify_with_mediapipe(results, test, reference, class_names, log)
     return results
 
 
@@ -573,6 +593,53 @@ def _verify_tflite(path, test, reference, result):
     if batch_gap > 1e-5:
         result.error = f"batch 1 differs from batch {len(probs)} by {batch_gap:.2e}"
     return result
+
+
+MEDIAPIPE_MISSING = ("MediaPipe client check skipped: mediapipe is not installed "
+                     "(pip install 'keras-vit[mediapipe]')")
+
+
+def _verify_with_mediapipe(results, test, reference, class_names, log, timeout=300):
+    """Each .tflite file through MediaPipe Tasks' ImageClassifier (the on-device client), in a
+    process of its own: its top-1 over the check images against Keras', its category names
+    against the class names."""
+    import importlib.util
+
+    if importlib.util.find_spec("mediapipe") is None:
+        for result in results:
+            result.client = "skipped"
+            result.notes = "; ".join(filter(None, [result.notes, MEDIAPIPE_MISSING]))
+        return
+    log("Running the TFLite files with MediaPipe's ImageClassifier ...")
+    expected = np.argmax(reference["probabilities"], axis=1)
+    with tempfile.TemporaryDirectory(prefix="keras_vit_mediapipe_") as tmp:
+        images, out = Path(tmp) / "images.npy", Path(tmp) / "result.json"
+        np.save(images, np.asarray(test["images"], np.uint8))
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(_MEDIAPIPE_SCRIPT), str(images), str(out),
+                 *(r.path for r in results)], capture_output=True, text=True, timeout=timeout)
+            failure = None if out.is_file() else (
+                f"MediaPipe's check process ended with exit code {proc.returncode}: "
+                f"{proc.stderr.strip()[-500:]}")
+        except subprocess.TimeoutExpired:
+            failure = f"MediaPipe's check process did not finish in {timeout} s"
+        measured = {} if failure else json.loads(out.read_text())["files"]
+    for result in results:
+        result.client = "MediaPipe"
+        answer = measured.get(result.path, {"error": failure})
+        if "error" in answer:
+            result.error = "; ".join(filter(None, [result.error,
+                                                   f"MediaPipe: {answer['error']}"]))
+            continue
+        indices = np.array([i for i, _ in answer["top1"]])
+        result.client_agreement = float(np.mean(indices == expected))
+        names = [name for _, name in answer["top1"]]
+        wrong = [n for i, n in zip(indices, names) if n != class_names[i]]
+        if wrong:
+            result.error = "; ".join(filter(None, [
+                result.error, f"MediaPipe names the classes {sorted(set(wrong))[:3]}, not "
+                              "the export's class names"]))
 
 
 @contextlib.contextmanager

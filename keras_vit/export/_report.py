@@ -27,6 +27,10 @@ class FormatResult:
     accuracy: float | None = None
     latency_ms: float | None = None
     tolerance: float | None = None
+    # An on-device client's check (TFLite files: MediaPipe Tasks' ImageClassifier): its name
+    # ("skipped" where it is not installed) and its top-1 agreement with Keras.
+    client: str | None = None
+    client_agreement: float | None = None
     notes: str = ""
     error: str = ""
 
@@ -70,6 +74,14 @@ class ExportReport:
     def write_json(self, path):
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    @classmethod
+    def read_json(cls, path):
+        """The report an export wrote (its report.json)."""
+        fields = json.loads(Path(path).read_text())
+        results = [FormatResult(**r) for r in fields.pop("results", [])]
+        fields["image_size"] = tuple(fields["image_size"])
+        return cls(**fields, results=results)
+
 
 def _size(n):
     for unit in ("B", "KB", "MB", "GB"):
@@ -91,10 +103,18 @@ def _or_dash(value, fmt):
     return "-" if value is None else format(value, fmt)
 
 
+def _client(result):
+    if result.client is None:
+        return "-"
+    if result.client_agreement is None:
+        return result.client if result.client == "skipped" else f"{result.client}: FAIL"
+    return f"{result.client} {100 * result.client_agreement:.1f}%"
+
+
 def format_report(report):
     """The report as a text table: size, max |Δp|, top-1 agreement, accuracy, latency."""
     headers = ("format", "file", "size", "max|dp| vs Keras", "top-1 agree", "accuracy",
-               "latency b=1")
+               "latency b=1", "client top-1")
     rows = []
     for r in report.results:
         diff = _or_dash(r.max_abs_diff, ".2e")
@@ -105,7 +125,8 @@ def format_report(report):
         rows.append((r.format, _short(r.path, report.out_dir), _size(r.size_bytes), diff,
                      "-" if r.agreement is None else f"{100 * r.agreement:.1f}%",
                      "-" if r.accuracy is None else f"{100 * r.accuracy:.1f}%",
-                     "-" if r.latency_ms is None else f"{r.latency_ms:.2f} ms"))
+                     "-" if r.latency_ms is None else f"{r.latency_ms:.2f} ms",
+                     _client(r)))
     widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
     line = "  ".join("{:<%d}" % w for w in widths)
     out = [f"Export {report.name!r} -> {report.out_dir}  "

@@ -40,7 +40,11 @@ def convert(saved_model_dir, variant, calibration_images=None):
     elif variant == "dynamic_int8":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif variant == "int8":
-        images = np.asarray(calibration_images)
+        # One image spanning 0..255 among the calibration images: the uint8 input's
+        # quantization is then (scale 1, zero point 0), raw pixels, which MediaPipe (it feeds
+        # raw pixels whatever the file says) and any plain client need.
+        images = [full_range_image(np.asarray(calibration_images).shape[1:3]),
+                  *np.asarray(calibration_images)]
 
         def representative_dataset():
             for image in images:
@@ -55,6 +59,48 @@ def convert(saved_model_dir, variant, calibration_images=None):
         # The converter's own calibrator uses tf.lite.Interpreter and warns about it.
         warnings.filterwarnings("ignore", message=r"(?s).*tf\.lite\.Interpreter is deprecated")
         return converter.convert()
+
+
+def full_range_image(size):
+    """A uint8 RGB gradient from 0 to 255 at `size` (height, width)."""
+    height, width = size
+    ramp = np.round(np.linspace(0, 255, height * width)).reshape(height, width)
+    return np.repeat(ramp[..., None], 3, axis=-1).astype(np.uint8)
+
+
+def client_contract_problems(model_content):
+    """What keeps a .tflite file from running in MediaPipe Tasks' ImageClassifier or a plain
+    LiteRT client (empty when nothing): one subgraph; one RGB image input (batch 1, any batch
+    in its signature), float32 or uint8 (then as raw pixels: scale 1, zero point 0); one
+    output of float32 or uint8 class scores."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.Model.GetRootAs(bytes(model_content), 0)
+    if model.SubgraphsLength() != 1:
+        return [f"{model.SubgraphsLength()} subgraphs (clients run one)"]
+    graph = model.Subgraphs(0)
+    problems = []
+    if graph.InputsLength() != 1 or graph.OutputsLength() != 1:
+        return [f"{graph.InputsLength()} inputs and {graph.OutputsLength()} outputs (one each "
+                "wanted)"]
+    types = {schema.TensorType.FLOAT32: "float32", schema.TensorType.UINT8: "uint8"}
+    image, scores = graph.Tensors(graph.Inputs(0)), graph.Tensors(graph.Outputs(0))
+    shape = image.ShapeAsNumpy().tolist()
+    if len(shape) != 4 or shape[0] != 1 or shape[3] != 3:
+        problems.append(f"input shape {shape}, not [1, height, width, 3]")
+    for what, tensor in (("input", image), ("output", scores)):
+        if tensor.Type() not in types:
+            problems.append(f"{what} type {tensor.Type()}, not float32 or uint8")
+    if image.Type() == schema.TensorType.UINT8:
+        quantization = image.Quantization()
+        scale = quantization.ScaleAsNumpy().tolist() if quantization else []
+        zero = quantization.ZeroPointAsNumpy().tolist() if quantization else []
+        if scale and (abs(scale[0] - 1.0) > 1e-6 or zero[0] != 0):
+            problems.append(f"uint8 input quantized with scale {scale[0]:g}, zero point "
+                            f"{zero[0]}: clients feed raw pixels (scale 1, zero point 0)")
+    if len(scores.ShapeAsNumpy().tolist()) != 2:
+        problems.append(f"output shape {scores.ShapeAsNumpy().tolist()}, not [1, classes]")
+    return problems
 
 
 def require_calibration(calibration_images):

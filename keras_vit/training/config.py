@@ -92,6 +92,9 @@ class TrainConfig:
     gelu: str = setting(None, MUST_MATCH, "tanh (default) or erf; with weights, what the "
                         "checkpoint has")
     weights: str = setting(None, MUST_MATCH, "initial weights: a checkpoint file or name")
+    normalization: str = setting(None, MUST_MATCH, "input scaling: vit ([-1, 1]) | imagenet "
+                                 "(mean/std) | none (default: the variant's or checkpoint's; "
+                                 "vit, DeiT imagenet)")
     dropout: float = setting(0.0, MAY_CHANGE, "dropout after attention and in the MLP")
     attention_dropout: float = setting(0.0, MAY_CHANGE, "dropout on the attention weights")
     drop_path: float = setting(None, MAY_CHANGE,
@@ -229,6 +232,7 @@ class TrainConfig:
         for name, choices in (("schedule", ("cosine", "linear")),
                               ("optimizer", ("adamw", "sgd", None)),
                               ("pooling", ("token", "gap", None)), ("gelu", ("tanh", "erf", None)),
+                              ("normalization", ("vit", "imagenet", "none", None)),
                               ("strategy", STRATEGIES), ("precision", PRECISIONS),
                               ("jit_compile", ("auto", "on", "off")),
                               ("distillation", DISTILLATIONS)):

@@ -44,6 +44,16 @@ class Data:
     # The undecoded elements are small (paths, arrays): a split is shuffled whole, not
     # 10,000 at a time (TFDS: encoded images).
     small_elements: bool = True
+    # (height, width) of training images as stored (before resizing), where known.
+    source_sizes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def typical_size(self):
+        """The median (height, width) of the training images as stored, or None."""
+        if not self.source_sizes:
+            return None
+        sizes = np.asarray(self.source_sizes)
+        return int(np.median(sizes[:, 0])), int(np.median(sizes[:, 1]))
 
     def decode_and_resize(self, *example):
         image, label = self.decode(*example)
@@ -104,17 +114,19 @@ def load_digits(image_size, validation_split=0.1, test_split=0.2, seed=0, train_
               for k, v in splits.items()}
     return Data(arrays, decode=lambda image, label: (image, label), image_size=image_size,
                 class_names=[str(d) for d in range(10)],
-                sizes={k: len(v) for k, v in splits.items()})
+                sizes={k: len(v) for k, v in splits.items()}, source_sizes=[(8, 8)])
 
 
 def _check_image_file(path):
-    """None for a readable image file, else what is wrong with it (in words for the user)."""
+    """(None, (height, width)) for a readable image file, else (what is wrong with it, in
+    words for the user, None)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as err:
-        return f"cannot be read ({err.strerror or err})"
-    return decode_bytes(data)[1]
+        return f"cannot be read ({err.strerror or err})", None
+    image, problem = decode_bytes(data)
+    return problem, None if image is None else [int(image.shape[0]), int(image.shape[1])]
 
 
 _NOT_CLASSES = ("__MACOSX",)  # left by unzipping on macOS
@@ -194,7 +206,12 @@ def scan_folder(root):
     added or changed since and the ones that failed before.
 
     Returns:
-        (paths, labels, class_names, skipped) where skipped is a list of "path: reason".
+        (paths, labels, class_names, skipped, sizes): skipped is a list of "path: reason",
+        sizes the (height, width) of each readable image.
+
+    Raises:
+        DataError: no folder, fewer than 2 class folders, no readable image, or a class
+            folder without one.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -212,27 +229,40 @@ def scan_folder(root):
             files += [(os.path.join(dirpath, f), label) for f in names]
             keys += [os.path.join(relative, f) for f in names]
     cache_file = scan_cache_file(root)
-    known = _read_scan_cache(cache_file)
+    known = _read_scan_cache(cache_file)  # key -> {"id": identity, "size": [h, w]}
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         identities = list(pool.map(_file_identity, [path for path, _ in files]))
         unknown = [i for i, (key, identity) in enumerate(zip(keys, identities))
-                   if identity is None or known.get(key) != identity]
+                   if identity is None or not isinstance(known.get(key), dict)
+                   or known[key].get("id") != identity]
         problems = [None] * len(files)
-        for i, problem in zip(unknown, pool.map(_check_image_file,
-                                                [files[i][0] for i in unknown])):
-            problems[i] = problem
+        sizes = [known[key]["size"] if isinstance(known.get(key), dict) else None
+                 for key in keys]
+        for i, (problem, size) in zip(unknown, pool.map(_check_image_file,
+                                                        [files[i][0] for i in unknown])):
+            problems[i], sizes[i] = problem, size
     # Only readable files are kept: a failure (maybe a passing I/O error) is checked again.
-    readable = {key: identity for key, identity, problem in zip(keys, identities, problems)
+    readable = {key: {"id": identity, "size": size}
+                for key, identity, problem, size in zip(keys, identities, problems, sizes)
                 if problem is None and identity is not None}
     if readable != known:
         _write_scan_cache(cache_file, root, readable)
-    good = [item for item, problem in zip(files, problems) if problem is None]
-    skipped = [f"{item[0]}: {problem}" for item, problem in zip(files, problems) if problem]
+    good = [i for i, problem in enumerate(problems) if problem is None]
+    skipped = [f"{files[i][0]}: {problem}" for i, problem in enumerate(problems) if problem]
     if not good:
         raise DataError(f"No readable images under {root} ({len(skipped)} files could not be "
                         "decoded as JPEG, PNG, BMP or GIF).")
-    paths, labels = zip(*good)
-    return list(paths), np.asarray(labels), class_names, skipped
+    counts = np.bincount([files[i][1] for i in good], minlength=len(class_names))
+    empty = [name for name, count in zip(class_names, counts) if count == 0]
+    if empty:
+        names = ", ".join(f"{e}/" for e in empty)
+        raise DataError(f"{root}: the class folder{'s' if len(empty) > 1 else ''} {names} "
+                        f"{'hold' if len(empty) > 1 else 'holds'} no readable image: every "
+                        "class needs images (add some, or remove the folder to train without "
+                        "that class).")
+    paths = [files[i][0] for i in good]
+    labels = np.asarray([files[i][1] for i in good])
+    return paths, labels, class_names, skipped, [sizes[i] for i in good]
 
 
 def _file_list(paths, labels):
@@ -273,7 +303,7 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0,
     root = Path(root).expanduser()
     split_dirs = _split_dirs(root) if root.is_dir() else {"train": None}
     if split_dirs["train"] is None:
-        paths, labels, class_names, skipped = scan_folder(root)
+        paths, labels, class_names, skipped, sizes = scan_folder(root)
         train, validation, test = _split_indices(labels, [validation_split, test_split], seed)
         splits = {name: ([paths[i] for i in idx], labels[idx])
                   for name, idx in (("train", train), ("validation", validation), ("test", test))}
@@ -285,11 +315,11 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0,
                 f"{root} holds a train/ folder and other folders ({', '.join(strays)}): split "
                 "folders are train/, val/ (or valid/, validation/) and test/, each holding the "
                 "class folders; rename or move the others.")
-        paths, labels, class_names, skipped = scan_folder(split_dirs["train"])
+        paths, labels, class_names, skipped, sizes = scan_folder(split_dirs["train"])
         given = {}
         for split in ("validation", "test"):
             if split_dirs[split] is not None:
-                split_paths, split_labels, split_classes, split_skipped = \
+                split_paths, split_labels, split_classes, split_skipped, _ = \
                     scan_folder(split_dirs[split])
                 if split_classes != class_names:
                     raise DataError(f"{split_dirs['train']} and {split_dirs[split]} have "
@@ -313,10 +343,12 @@ def load_folder(root, image_size, validation_split=0.1, test_split=0.1, seed=0,
     for name, (split_paths, split_labels) in splits.items():
         order = rng.permutation(len(split_paths))
         splits[name] = ([split_paths[i] for i in order], np.asarray(split_labels)[order])
+    size_of = dict(zip(paths, sizes))
     return Data({name: _file_list(p, y) for name, (p, y) in splits.items()},
                 decode=lambda path, label: (decode_image(tf.io.read_file(path)), label),
                 image_size=image_size, class_names=class_names,
-                sizes={name: len(p) for name, (p, _) in splits.items()}, skipped=skipped)
+                sizes={name: len(p) for name, (p, _) in splits.items()}, skipped=skipped,
+                source_sizes=[size_of[p] for p in splits["train"][0] if size_of.get(p)])
 
 
 def load_tfds(name, image_size, data_dir=None, validation_split=0.1, test_split=0.1):
@@ -374,9 +406,16 @@ def load_tfds(name, image_size, data_dir=None, validation_split=0.1, test_split=
         if empty:
             datasets[split] = datasets[split].take(0)
         sizes[split] = 0 if empty else int(splits[spec].num_examples)
-    return Data(datasets, decode=decode, image_size=image_size,
+    data = Data(datasets, decode=decode, image_size=image_size,
                 class_names=list(info.features[label_key].names), sizes=sizes,
                 small_elements=False)
+    shape = getattr(image_feature, "shape", (None, None))
+    if shape[0] and shape[1]:  # a fixed size (cifar10: 32x32)
+        data.source_sizes = [(int(shape[0]), int(shape[1]))]
+    else:  # the first images tell
+        data.source_sizes = [tuple(int(d) for d in image.shape[:2]) for image, _ in
+                             datasets["train"].take(64).map(decode).as_numpy_iterator()]
+    return data
 
 
 def _not_prepared(name, folder, where):

@@ -67,20 +67,22 @@ def train(config=None, **changes):
     """
     from keras_vit.keras_internals import seeded
 
-    config = dataclasses.replace(config or TrainConfig(), **changes).resolved()
+    given = dataclasses.replace(config or TrainConfig(), **changes)
+    config = given.resolved()
     start = time.time()
     strategy = _make_strategy(config)
     plan = _plan_model(config)
     data = _load_data(config)
-    config = _fit_to_data(config, data, strategy)
+    config, plan = _fit_to_data(given, config, plan, data, strategy)
     run = _open_run_folder(config, strategy)
     try:
         with seeded(config.seed):
-            model = _build_model(config, plan, data, strategy, run)
-            step = _restore_backup(model, run, strategy)
+            teacher = _prepare_teacher(config, data, run, strategy)
+            model, trained = _build_model(config, plan, data, strategy, run, teacher)
+            step = _restore_backup(trained, run, strategy)
             pipelines = _make_pipelines(config, model, data, run)
-            history = _fit(config, model, pipelines, run, step)
-            summary = _evaluate(model, pipelines, start)
+            history = _fit(config, trained, pipelines, run, step)
+            summary = _evaluate(trained, model, pipelines, start)
             _save_run(config, model, data, run, summary, strategy)
     except BaseException:
         run.discard_if_empty()
@@ -170,13 +172,24 @@ def _load_data(config):
     return data
 
 
-def _fit_to_data(config, data, strategy):
-    """Checks what depends on the data and the machine (batch against replicas)."""
+def _fit_to_data(given, config, plan, data, strategy):
+    """The data's defaults where the user set nothing (`keras_vit.training.defaults`), then the
+    checks that depend on the data and the machine (batch against replicas)."""
+    from keras_vit.training.defaults import fit_to_data
+
+    fitted, why = fit_to_data(given, config, data)
+    if why:
+        logger.info(why)
+    if fitted.image_size != config.image_size:
+        data.image_size = tuple(fitted.image_size)
+    if (fitted.variant, fitted.image_size, fitted.patch_size) != (
+            config.variant, config.image_size, config.patch_size):
+        plan = _plan_model(fitted)
     replicas = strategy.num_replicas_in_sync
-    if config.batch_size % replicas:
-        raise ConfigError(f"--batch-size {config.batch_size} is not divisible by the "
+    if fitted.batch_size % replicas:
+        raise ConfigError(f"--batch-size {fitted.batch_size} is not divisible by the "
                           f"{replicas} replicas; use a multiple of {replicas}.")
-    return config
+    return fitted, plan
 
 
 class _RunFolder:
@@ -226,6 +239,9 @@ def choose_run_dir(config):
         ResumeError: the folder holds an unfinished run whose must-match settings differ.
     """
     base = Path(config.out or Path("runs") / data_name(config.data))
+    if base.exists() and not base.is_dir():
+        raise ConfigError(f"--out {base} is a file: give a folder for the run (it is "
+                          "created if missing).")
     candidate, n = base, 1
     while True:
         config_path = candidate / CONFIG_FILE
@@ -282,7 +298,8 @@ def _as_resolved(previous):
     return resolved
 
 
-def _build_model(config, plan, data, strategy, run):
+def _build_model(config, plan, data, strategy, run, teacher=None):
+    """(the ViT, the model `fit` trains: the ViT itself, or a `Distiller` around it)."""
     import keras
 
     import keras_vit
@@ -292,12 +309,13 @@ def _build_model(config, plan, data, strategy, run):
     replicas = strategy.num_replicas_in_sync
     per_replica_batch = config.batch_size // replicas
     tokens = plan.grid[0] * plan.grid[1]
-    micro_batches = pick_micro_batches(config, per_replica_batch, tokens + 1, strategy)
     from keras_vit.training import data as data_lib
     from keras_vit.training.distribute import describe
     from keras_vit.training.micro_batches import part_sizes, use_micro_batches
 
     spe = data_lib.steps_per_epoch(data.sizes["train"], config.batch_size)
+    micro_batches = pick_micro_batches(config, per_replica_batch, tokens + 1, strategy,
+                                       total_steps=spe * config.epochs)
     run.config.update(num_classes=len(data.class_names), class_names=data.class_names,
                       precision=precision, steps_per_epoch=spe, replicas=replicas,
                       micro_batches=micro_batches, finished=False)
@@ -316,18 +334,106 @@ def _build_model(config, plan, data, strategy, run):
         model = keras_vit.build(
             config.variant, image_size=config.image_size, num_classes=len(data.class_names),
             patch_size=config.patch_size, depth=config.depth, pooling=config.pooling,
-            gelu=config.gelu, dropout_rate=config.dropout,
+            gelu=config.gelu, normalization=config.normalization, dropout_rate=config.dropout,
             attention_dropout_rate=config.attention_dropout, drop_path_rate=config.drop_path,
             weights=plan.weights, dtype=precision)
         plan.weights = None  # the model holds the checkpoint's values now: free its arrays
-        model.compile(optimizer=build_optimizer(config, spe, model),
-                      loss=keras.losses.CategoricalCrossentropy(
-                          from_logits=True, label_smoothing=config.label_smoothing),
-                      metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
-                      jit_compile=jit)
-        model.optimizer.build(model.trainable_variables)
-    use_micro_batches(model, micro_batches)
-    return model
+        trained = model
+        if teacher is not None:  # DeiT: the student trains against the teacher's answers
+            from keras_vit.training.distill import Distiller
+
+            trained = Distiller(model, teacher, mode=config.distillation,
+                                alpha=config.distillation_alpha,
+                                temperature=config.distillation_temperature,
+                                label_smoothing=config.label_smoothing)
+            trained.compile(optimizer=build_optimizer(config, spe, model),
+                            metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                            jit_compile=jit)
+        else:
+            model.compile(optimizer=build_optimizer(config, spe, model),
+                          loss=keras.losses.CategoricalCrossentropy(
+                              from_logits=True, label_smoothing=config.label_smoothing),
+                          metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")],
+                          jit_compile=jit)
+        trained.optimizer.build(model.trainable_variables)
+    use_micro_batches(trained, micro_batches)
+    return model, trained
+
+
+def _prepare_teacher(config, data, run, strategy):
+    """The teacher of a distillation run: a `.keras` file or a run folder's model, or for
+    "resnet" a small ResNet trained here first on the same data (kept in the run folder as
+    teacher.keras, so a resumed run does not train it again); None without distillation."""
+    if config.distillation == "none":
+        return None
+    from keras_vit.model import load_model
+
+    classes = len(data.class_names)
+    if config.teacher == "resnet":
+        path = run.path / "teacher.keras"
+        if not path.is_file():
+            return _train_teacher(config, data, run, strategy)
+    else:
+        path = Path(config.teacher)
+        if path.is_dir():
+            path = path / "model.keras"
+        if not path.is_file():
+            raise ConfigError(f"--teacher {config.teacher}: no such .keras file or run folder. "
+                              "Give a trained classifier's .keras file, a run folder, or "
+                              "resnet (a small CNN trained first on the same data).")
+    with strategy.scope():
+        teacher = load_model(path, compile=False)
+    outputs = teacher.outputs[0].shape[-1] if len(teacher.outputs) == 1 else None
+    if outputs != classes:
+        raise ConfigError(f"--teacher {path} has {outputs} outputs but {config.data} has "
+                          f"{classes} classes: a teacher must classify the same classes.")
+    run.config["teacher_model"] = str(path)
+    return teacher
+
+
+def _train_teacher(config, data, run, strategy):
+    """Trains `small_resnet` on the run's data with its augmentation (as pixels), the same
+    epochs and an AdamW recipe; saves it as the run folder's teacher.keras."""
+    import keras
+    import tensorflow as tf
+
+    from keras_vit import recipes
+    from keras_vit.training import augment
+    from keras_vit.training import data as data_lib
+    from keras_vit.training.distill import small_resnet
+
+    classes = len(data.class_names)
+    spe = data_lib.steps_per_epoch(data.sizes["train"], config.batch_size)
+    logger.info(f"Training the teacher first: a small ResNet on {config.data} "
+                f"({config.epochs} epochs of {spe} steps).")
+    cache = data_lib.estimated_cache_bytes(data, config.image_size) < 4 * 2**30
+    augment_config = augment.AugmentConfig(
+        flip=config.flip, translate=config.translate, rotate=config.rotate, zoom=config.zoom,
+        randaugment=config.randaugment, mixup=config.mixup, cutmix=config.cutmix)
+    batches = data_lib.training_batches(
+        data, config.batch_size, seed=config.seed + 1, cache=cache, crop_area=config.crop_area,
+        augment=augment.make_augmenter(augment_config, classes, "none")).prefetch(
+        tf.data.AUTOTUNE)
+    test = data_lib.evaluation_batches(data.test, config.batch_size, cache).map(
+        augment.prepare_evaluation(classes, "none"))
+    with strategy.scope():
+        teacher = small_resnet(tuple(config.image_size), classes)
+        total = config.epochs * spe
+        teacher.compile(optimizer=recipes.pretrain_optimizer(
+                            total_steps=max(total, 2), learning_rate=1e-3,
+                            warmup_steps=min(spe, total - 1), weight_decay=1e-4),
+                        loss=keras.losses.CategoricalCrossentropy(
+                            from_logits=True, label_smoothing=config.label_smoothing),
+                        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    teacher.fit(batches, epochs=config.epochs, steps_per_epoch=spe, verbose=config.verbose,
+                shuffle=False)
+    _, accuracy = teacher.evaluate(test, verbose=0)
+    logger.info(f"Teacher test accuracy: {accuracy:.4f}")
+    path = run.path / "teacher.keras"
+    run.path.mkdir(parents=True, exist_ok=True)
+    teacher.save(path)
+    run.config.update(teacher_model=str(path), teacher_test_accuracy=float(accuracy))
+    return teacher
 
 
 def _restore_backup(model, run, strategy):
@@ -408,10 +514,10 @@ def _fit(config, model, pipelines, run, step):
     return read_history(run.work / "history.csv")
 
 
-def _evaluate(model, pipelines, start):
-    loss, accuracy = model.evaluate(pipelines.test, verbose=0)
+def _evaluate(trained, model, pipelines, start):
+    loss, accuracy = trained.evaluate(pipelines.test, verbose=0)
     return {"test_accuracy": float(accuracy), "test_loss": float(loss),
-            "steps": int(model.optimizer.iterations.numpy()),
+            "steps": int(trained.optimizer.iterations.numpy()),
             "weights_fingerprint": weights_fingerprint(model),
             "train_seconds": round(time.time() - start, 1)}
 
@@ -422,8 +528,12 @@ def _save_run(config, model, data, run, summary, strategy):
     from keras_vit.training.plots import save_curves
 
     # Every worker saves (saving may need all of them); only the chief's copy is the run's.
+    # The model goes without its optimizer state (a third of the file; resuming uses the
+    # backups), so model.keras is the size of the weights.
     run.config.update(finished=True, result=summary)
-    save_run(run.work, model, run.config, _samples(data))
+    trained = type(model).from_config(model.get_config())
+    trained.set_weights(model.get_weights())
+    save_run(run.work, trained, run.config, _samples(data))
     shutil.rmtree(run.backup_dir, ignore_errors=True)
     distribute.remove_worker_dir(run.path, strategy)
     if run.chief:
@@ -540,9 +650,9 @@ def pick_jit_compile(config, precision, strategy):
     return bool(tf.config.list_physical_devices("GPU")) or "bfloat16" not in precision
 
 
-def pick_micro_batches(config, per_replica_batch, tokens, strategy):
+def pick_micro_batches(config, per_replica_batch, tokens, strategy, total_steps=None):
     """--micro-batches: the count given, or for auto `auto_micro_batches` on what the replicas
-    run on."""
+    run on and how long the run is."""
     import tensorflow as tf
 
     from keras_vit.training.micro_batches import auto_micro_batches
@@ -551,7 +661,7 @@ def pick_micro_batches(config, per_replica_batch, tokens, strategy):
         return config.micro_batches
     device_type = ("TPU" if isinstance(strategy, tf.distribute.TPUStrategy)
                    else "GPU" if tf.config.list_physical_devices("GPU") else "CPU")
-    return auto_micro_batches(per_replica_batch, tokens, device_type)
+    return auto_micro_batches(per_replica_batch, tokens, device_type, total_steps)
 
 
 def restore_on_every_worker(backup, model, strategy):
