@@ -26,15 +26,16 @@ GROUPS = {
                "cutmix", "seed"),
     "distillation (DeiT)": ("teacher", "distillation", "distillation_alpha",
                             "distillation_temperature"),
-    "system": ("strategy", "tpu_address", "cpu_devices", "precision", "jit_compile",
-               "micro_batches", "checkpoint_every"),
+    "system": ("strategy", "distribution", "tpu_address", "cpu_devices", "precision",
+               "jit_compile", "micro_batches", "checkpoint_every"),
     "output": ("out", "export", "export_dir", "verbose"),
 }
 CHOICES = {"pooling": ("token", "gap"), "gelu": ("tanh", "erf"),
            "normalization": ("vit", "imagenet", "none"), "preset": sorted(PRESETS),
            "optimizer": ("adamw", "sgd"), "schedule": ("cosine", "linear"),
            "strategy": STRATEGIES, "precision": PRECISIONS, "jit_compile": ("auto", "on", "off"),
-           "distillation": DISTILLATIONS}
+           "distillation": DISTILLATIONS,
+           "distribution": ("none", "data-parallel", "model-parallel")}
 COUNTS = ("epochs", "batch_size", "patch_size", "depth", "cpu_devices", "checkpoint_every")
 
 

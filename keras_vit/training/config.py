@@ -142,8 +142,11 @@ class TrainConfig:
                                         "(DeiT: 0.5)")
     distillation_temperature: float = setting(3.0, MAY_CHANGE, "soft distillation temperature")
     # --- system
-    strategy: str = setting("auto", FREE, "tf.distribute strategy: auto | one-device | "
-                            "mirrored | multi-worker | tpu")
+    strategy: str = setting("auto", FREE, "tf.distribute strategy (TensorFlow backend): auto | "
+                            "one-device | mirrored | multi-worker | tpu")
+    distribution: str = setting("none", FREE, "keras.distribution (JAX backend): none | "
+                                "data-parallel (all local devices) | model-parallel (kernels "
+                                "sharded)")
     tpu_address: str = setting(None, FREE, "TPU name or grpc:// address for strategy tpu")
     cpu_devices: int = setting(None, FREE, "split the CPU into N logical devices (mirrored)")
     precision: str = setting("auto", FREE, "auto | float32 | mixed_bfloat16 | mixed_float16 "
@@ -235,7 +238,8 @@ class TrainConfig:
                               ("normalization", ("vit", "imagenet", "none", None)),
                               ("strategy", STRATEGIES), ("precision", PRECISIONS),
                               ("jit_compile", ("auto", "on", "off")),
-                              ("distillation", DISTILLATIONS)):
+                              ("distillation", DISTILLATIONS),
+                              ("distribution", ("none", "data-parallel", "model-parallel"))):
             if getattr(self, name) not in choices:
                 shown = [c for c in choices if c is not None]
                 fail(f"{flag(name)} must be one of {', '.join(shown)}, got "

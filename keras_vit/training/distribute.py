@@ -284,6 +284,8 @@ def per_replica_batch_size(global_batch_size, strategy=None):
 
 def describe(strategy=None):
     """One line for logs: the strategy, its replicas, and this worker's role."""
+    if hasattr(strategy, "describe"):  # JAX's keras.distribution (jax_distribution.py)
+        return strategy.describe()
     strategy = strategy or tf.distribute.get_strategy()
     if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
         # The default strategy (its class is private): say what it runs on.

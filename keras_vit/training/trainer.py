@@ -100,6 +100,25 @@ def train(config=None, **changes):
 # --- steps ------------------------------------------------------------------------------------
 
 def _make_strategy(config):
+    """A tf.distribute strategy on the TensorFlow backend; keras.distribution on JAX."""
+    import keras
+
+    backend = keras.backend.backend()
+    if backend == "jax":
+        from keras_vit.training.jax_distribution import JaxDistribution
+
+        if config.strategy not in ("auto", "one-device") or config.cpu_devices:
+            raise ConfigError(f"--strategy {config.strategy} is TensorFlow's tf.distribute; on "
+                              "the JAX backend use --distribution data-parallel or "
+                              "model-parallel (keras.distribution).")
+        return JaxDistribution(config.distribution)
+    if backend != "tensorflow":
+        raise ConfigError(f"keras-vit train runs on the TensorFlow or JAX backend, not "
+                          f"{backend!r}: set KERAS_BACKEND=tensorflow (or jax).")
+    if config.distribution != "none":
+        raise ConfigError(f"--distribution {config.distribution} is keras.distribution on the "
+                          "JAX backend (KERAS_BACKEND=jax); on TensorFlow use --strategy "
+                          "mirrored or multi-worker.")
     from keras_vit.training import distribute
 
     try:
@@ -107,6 +126,12 @@ def _make_strategy(config):
                                         cpu_devices=config.cpu_devices)
     except (ValueError, RuntimeError) as err:
         raise ConfigError(_flags_named(str(err))) from None
+
+
+def _on_jax():
+    import keras
+
+    return keras.backend.backend() == "jax"
 
 
 @dataclasses.dataclass
@@ -554,6 +579,8 @@ def _export(config, run, model):
 
     export_dir = _export_dir(config, run)
     try:
+        if _on_jax():
+            return _export_with_tensorflow(run.path, export_dir)
         return export_run(run.path, export_dir)
     except ExportVerificationError as err:
         failed = ExportVerificationError(
@@ -561,6 +588,30 @@ def _export(config, run, model):
             f"`keras-vit export {run.path} --out {export_dir}`.")
         failed.run_dir = run.path
         raise failed from err
+
+
+def _export_with_tensorflow(run_dir, export_dir):
+    """The export of a run trained on another backend: SavedModel and TFLite need TensorFlow's,
+    so `keras-vit export` runs in a process on it, from the saved model.keras."""
+    import os
+    import subprocess
+    import sys
+
+    from keras_vit.errors import ExportVerificationError
+    from keras_vit.export import ExportReport
+
+    logger.info(f"Exporting on the TensorFlow backend, in a process of its own ...")
+    result = subprocess.run([sys.executable, "-m", "keras_vit.cli", "export", str(run_dir),
+                             "--out", str(export_dir), "--quiet"],
+                            env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+                            capture_output=True, text=True)
+    if result.returncode == 1:
+        raise ExportVerificationError(result.stderr.strip())
+    if result.returncode:
+        raise ConfigError(f"The export of {run_dir} failed: {result.stderr.strip()[-2000:]}")
+    report = ExportReport.read_json(Path(export_dir) / "report.json")
+    logger.info(result.stdout.strip())
+    return report
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -612,10 +663,14 @@ def build_optimizer(config, steps_per_epoch, model=None):
 
 
 def pick_precision(config, strategy):
-    import tensorflow as tf
-
     if config.precision != "auto":
         return config.precision
+    if _on_jax():  # bfloat16 on accelerators (all have it in JAX's reach), float32 on CPUs
+        import jax
+
+        return "float32" if jax.devices()[0].platform == "cpu" else "mixed_bfloat16"
+    import tensorflow as tf
+
     if isinstance(strategy, tf.distribute.TPUStrategy):
         return "mixed_bfloat16"
     for gpu in tf.config.list_physical_devices("GPU"):
@@ -635,7 +690,9 @@ def pick_jit_compile(config, precision, strategy):
     that reason, and a TPU compiles the step with XLA anyway. On CPUs alone TensorFlow's graph
     runs oneDNN's bfloat16 matmuls (avx512_bf16 / AMX) while XLA's CPU backend computes them
     slowly (measured, `fit` of the benchmark's training config: bfloat16 graph 1.19x float32
-    XLA, bfloat16 XLA 0.84x)."""
+    XLA, bfloat16 XLA 0.84x). On JAX, XLA is how everything runs (off: eager, for debugging)."""
+    if _on_jax():
+        return config.jit_compile != "off"
     import tensorflow as tf
 
     several = strategy.num_replicas_in_sync > 1
@@ -653,6 +710,11 @@ def pick_jit_compile(config, precision, strategy):
 def pick_micro_batches(config, per_replica_batch, tokens, strategy, total_steps=None):
     """--micro-batches: the count given, or for auto `auto_micro_batches` on what the replicas
     run on and how long the run is."""
+    if _on_jax():
+        if config.micro_batches not in ("auto", 1):
+            raise ConfigError("--micro-batches N is TensorFlow's (it replaces its train step); "
+                              "on JAX, shard a batch that does not fit with --distribution.")
+        return 1
     import tensorflow as tf
 
     from keras_vit.training.micro_batches import auto_micro_batches
