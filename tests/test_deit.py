@@ -160,7 +160,8 @@ def test_training_with_a_teacher_hard_and_soft(tmp_path, capsys):
     hard = keras_vit.train(TrainConfig(out=str(tmp_path / "hard"), teacher="resnet",
                                        distillation="hard", **common))
     config = json.loads((tmp_path / "hard" / "config.json").read_text())
-    assert config["distillation"] == "hard" and 0.1 < config["teacher_test_accuracy"] <= 1
+    # A teacher worth learning from after 42 steps (stale batch statistics gave ~20%).
+    assert config["distillation"] == "hard" and config["teacher_test_accuracy"] > 0.8
     assert (tmp_path / "hard" / "teacher.keras").is_file()
     assert 0.0 <= hard.test_accuracy <= 1.0 and len(hard.history["loss"]) == 2
     student = keras_vit.load_model(tmp_path / "hard" / "model.keras")

@@ -119,20 +119,26 @@ def small_resnet(image_size, num_classes, blocks_per_stage=2, name="resnet_teach
     convolutional teacher `--teacher resnet` trains first. (Keras' applications' ResNets start
     at 32x32 inputs and 23M weights: too big a teacher for small images.)"""
     layers = keras.layers
+    # Moving statistics that keep up with a short run: at Keras' default momentum (0.99) a
+    # teacher trained for a few hundred steps evaluates on stale statistics (measured on a
+    # quarter of digits, 50 epochs: test accuracy 17% at 0.99, 94% at 0.9; PyTorch's 0.1).
+    def norm():
+        return layers.BatchNormalization(momentum=0.9)
+
     images = keras.Input((*image_size, 3), name="images")
     x = layers.Rescaling(1 / 127.5, offset=-1.0)(images)
     x = layers.Conv2D(16, 3, padding="same", use_bias=False)(x)
-    x = layers.ReLU()(layers.BatchNormalization()(x))
+    x = layers.ReLU()(norm()(x))
     for stage, filters in enumerate((16, 32, 64)):
         for block in range(blocks_per_stage):
             stride = 2 if stage > 0 and block == 0 else 1
             shortcut = x
             y = layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(x)
-            y = layers.ReLU()(layers.BatchNormalization()(y))
+            y = layers.ReLU()(norm()(y))
             y = layers.Conv2D(filters, 3, padding="same", use_bias=False)(y)
-            y = layers.BatchNormalization()(y)
+            y = norm()(y)
             if stride != 1 or shortcut.shape[-1] != filters:
-                shortcut = layers.BatchNormalization()(layers.Conv2D(
+                shortcut = norm()(layers.Conv2D(
                     filters, 1, strides=stride, use_bias=False)(shortcut))
             x = layers.ReLU()(layers.Add()([shortcut, y]))
     x = layers.GlobalAveragePooling2D()(x)
