@@ -16,10 +16,9 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
-import time
 from pathlib import Path
+
+from _study_runs import train_once
 
 STUDENT = ["--image-size", "16", "--depth", "6", "--gelu", "erf", "--normalization", "imagenet"]
 ARMS = {
@@ -29,21 +28,9 @@ ARMS = {
 
 
 def run(arm, fraction, seed, root):
-    out = root / f"{arm}-{fraction:g}-seed{seed}"
-    config_path = out / "config.json"
-    if config_path.is_file() and json.loads(config_path.read_text()).get("finished"):
-        return json.loads(config_path.read_text())
-    command = [sys.executable, "-m", "keras_vit.cli", "train", "--data", "digits", *ARMS[arm],
-               "--train-fraction", str(fraction), "--seed", str(seed), "--out", str(out),
-               "--no-export", "--verbose", "0"]
-    start = time.time()
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode:
-        sys.exit(f"{' '.join(command)} failed:\n{result.stderr[-2000:]}")
-    config = json.loads(config_path.read_text())
-    config["study_seconds"] = round(time.time() - start, 1)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return config
+    return train_once(root / f"{arm}-{fraction:g}-seed{seed}",
+                      ["--data", "digits", *ARMS[arm], "--train-fraction", str(fraction),
+                       "--seed", str(seed), "--no-export", "--verbose", "0"])
 
 
 def main():

@@ -36,6 +36,37 @@ def randomize_weights(model, seed=0, scale=0.05):
     return model
 
 
+def kill_at_a_mid_epoch_backup(command, out, env, timeout=400):
+    """Starts the training `command` (writing the run folder `out`) and kills it with SIGKILL
+    as soon as its backup is a mid-epoch one in the second epoch or later; fails the test if
+    the command exits first or no such backup appears within `timeout` seconds."""
+    import json
+    import signal
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env)
+    metadata = Path(out) / "backup" / "training_metadata.json"
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            state = {}
+            if metadata.exists():
+                try:
+                    state = json.loads(metadata.read_text())
+                except ValueError:  # caught while being written
+                    pass
+            if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:
+                break
+            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("no mid-epoch backup appeared")
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.kill()
+        process.wait()
+
+
 def free_ports(n):
     """n TCP ports on 127.0.0.1 that were free a moment ago (bound to port 0, then released)."""
     sockets = [socket.socket() for _ in range(n)]

@@ -65,3 +65,9 @@ def test_accelerator_benchmark_runs_without_tensorflow_and_reports_mfu():
     mfu = float(re.search(r"MFU ([\d.]+)%", out).group(1))
     assert peak > 0 and speed > 0
     assert abs(mfu - 100 * gflop * speed / 1e3 / peak) <= 0.05 * mfu + 0.2
+    # The PyTorch peer of the same shape ran in its own process (Hugging Face's ViT here,
+    # timm needing torchvision), and the ratio is of the two rates printed.
+    peer = re.search(r"peer: (.*) on cpu: ([\d.]+) img/s .*keras-vit/peer: ([\d.]+)x", out)
+    assert peer, out
+    assert "ViT" in peer.group(1) and float(peer.group(2)) > 0
+    assert abs(float(peer.group(3)) - speed / float(peer.group(2))) <= 0.01 * float(peer.group(3)) + 0.01

@@ -166,6 +166,20 @@ def test_training_with_a_teacher_hard_and_soft(tmp_path, capsys):
     assert 0.0 <= hard.test_accuracy <= 1.0 and len(hard.history["loss"]) == 2
     student = keras_vit.load_model(tmp_path / "hard" / "model.keras")
     assert student.distilled and isinstance(student, keras_vit.ViT)  # the student alone
+    # Its exports answer the mean of both heads (verified against Keras, which returns it).
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 16, 16, 3)).astype(np.uint8)
+    report = keras_vit.export_model(student, tmp_path / "exported", class_names=list("0123456789"),
+                                    test_images=pixels, tflite_variants=("float32",))
+    assert report.verified
+    heads = keras_vit.distillation_model(student)(student.preprocess(pixels))
+    mean = (keras.ops.convert_to_numpy(heads["class"])
+            + keras.ops.convert_to_numpy(heads["distillation"])) / 2
+    import tensorflow as tf
+
+    served = tf.saved_model.load(str(tmp_path / "exported" / "1")).signatures[
+        "predict_images_uint8"](images=tf.constant(pixels))["probabilities"].numpy()
+    np.testing.assert_allclose(served, keras.ops.convert_to_numpy(
+        keras.ops.softmax(mean, axis=-1)), atol=1e-5)
     # The same teacher from a file, soft distillation, from the command line.
     assert cli.main(["train", "--out", str(tmp_path / "soft"), "--variant", "DeiT-Ti/4",
                      "--image-size", "16", "--depth", "1", "--epochs", "1", "--batch-size", "64",
@@ -180,3 +194,45 @@ def test_training_with_a_teacher_hard_and_soft(tmp_path, capsys):
         keras_vit.train(TrainConfig(out=str(tmp_path / "bad"), teacher=str(
             tmp_path / "three.keras"), distillation="hard", **common))
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_distillation_under_mirrored_resumes_after_a_kill(tmp_path):
+    """A DeiT run with a teacher it trains first, on two replicas (MirroredStrategy on two
+    logical CPUs), killed with SIGKILL mid-epoch and started again, ends with the weights of
+    the same run never killed; the teacher is trained once."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import kill_at_a_mid_epoch_backup
+
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    args = ["--variant", "DeiT-Ti/4", "--image-size", "8", "--depth", "1", "--epochs", "2",
+            "--batch-size", "32", "--train-fraction", "0.5", "--checkpoint-every", "3",
+            "--teacher", "resnet", "--distillation", "hard", "--strategy", "mirrored",
+            "--cpu-devices", "2", "--no-export", "--verbose", "0"]
+
+    def command(out):
+        return [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out), *args]
+
+    out = tmp_path / "killed"
+    kill_at_a_mid_epoch_backup(command(out), out, env)
+    teacher_time = (out / "teacher.keras").stat().st_mtime
+    resumed = subprocess.run(command(out), capture_output=True, text=True, env=env, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "Restored the backup at step" in resumed.stdout
+    assert (out / "teacher.keras").stat().st_mtime == teacher_time  # not trained again
+    whole = subprocess.run(command(tmp_path / "whole"), capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert "2 replica" in whole.stdout or "2 replica" in whole.stderr
+
+    def fingerprint(stdout):
+        return re.search(r"weights fingerprint: (\w+)", stdout).group(1)
+
+    assert fingerprint(resumed.stdout) == fingerprint(whole.stdout)
+    config = json.loads((out / "config.json").read_text())
+    assert config["replicas"] == 2 and config["teacher_test_accuracy"] > 0.5

@@ -7,22 +7,23 @@ the backend is chosen when Keras is imported."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import numpy as np
 import pytest
+
+from tests.conftest import kill_at_a_mid_epoch_backup
 
 pytest.importorskip("jax")
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 TWO_DEVICES = {"KERAS_BACKEND": "jax", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
                "TF_CPP_MIN_LOG_LEVEL": "2"}
-TINY = dict(data="digits", variant="Ti/4", image_size=16, depth=2, epochs=2, batch_size=64,
-            drop_path=0.0, verbose=0)
+# S: 6 heads, which two devices divide (model parallelism splits the heads).
+TINY = dict(data="digits", variant="S/4", image_size=16, depth=1, epochs=2, batch_size=64,
+            drop_path=0.0, verbose=0, train_fraction=0.25)
 
 
 def run_python(code, env, timeout=800):
@@ -37,24 +38,45 @@ def test_distributions_train_the_same_and_shard_the_kernels(tmp_path):
         import json
         import jax, keras
         import keras_vit
-        from keras_vit.training.jax_distribution import JaxDistribution
 
+        # What Keras hands the devices: every batch goes through this JAX call when a
+        # keras.distribution is active during fit/evaluate (a spy, not a change).
+        batches = []
+        place = jax.make_array_from_process_local_data
+
+        def spy(sharding, data, *args, **kwargs):
+            batches.append((len(sharding.device_set), data.shape[0]))
+            return place(sharding, data, *args, **kwargs)
+
+        jax.make_array_from_process_local_data = spy
         results = {{}}
         for name in ("none", "data-parallel", "model-parallel"):
+            batches.clear()
             result = keras_vit.train(keras_vit.TrainConfig(
                 out=r"{tmp_path}/" + name, distribution=name, export=name == "none",
                 **{TINY!r}))
             results[name] = dict(loss=result.history["loss"], test=result.test_accuracy,
-                                 replicas=JaxDistribution(name).num_replicas_in_sync)
+                                 replicas=result.config["replicas"],
+                                 batches=sorted(set(batches)),
+                                 shardings={{v.path.split("/")[-1]: list(getattr(v.value.sharding, "spec", ()))
+                                             for v in result.model.variables
+                                             if "encoderblock_0" in v.path}})
             if name == "none":
                 results["export"] = [r.format for r in result.export_report.results]
-        with JaxDistribution("model-parallel").scope():
-            model = keras_vit.build("Ti/4", image_size=16, depth=1, num_classes=10)
-        shardings = {{v.path.split("/")[-1]: str(v.value.sharding.spec)
-                     for v in model.variables if "encoderblock_0" in v.path}}
-        print(json.dumps(dict(results=results, shardings=shardings,
-                              devices=len(jax.devices()))))
+        refused = []
+        for name, changes in (("model-parallel", dict(variant="Ti/4")),  # 3 heads
+                              ("data-parallel", dict(batch_size=63))):
+            try:
+                keras_vit.train(keras_vit.TrainConfig(
+                    out=r"{tmp_path}/refused", distribution=name, **{{**{TINY!r}, **changes}}))
+            except keras_vit.errors.ConfigError as err:
+                refused.append(str(err))
+        print(json.dumps(dict(results=results, devices=len(jax.devices()), refused=refused)))
         """, TWO_DEVICES)
+    assert len(found["refused"]) == 2, found["refused"]
+    assert "has 3 heads" in found["refused"][0] and "S: 6" in found["refused"][0]
+    assert "--batch-size 63 is not divisible by the 2 replicas" in found["refused"][1]
+    assert not (tmp_path / "refused").exists()  # nothing written
     assert found["devices"] == 2
     results = found["results"]
     one = results["none"]["loss"]
@@ -63,43 +85,31 @@ def test_distributions_train_the_same_and_shard_the_kernels(tmp_path):
         assert abs(results[name]["test"] - results["none"]["test"]) < 0.01
     assert [results[n]["replicas"] for n in ("none", "data-parallel", "model-parallel")] == \
         [1, 2, 1]
-    shardings = found["shardings"]
-    assert "'model'" in shardings["query_kernel"] and "'model'" in shardings["kernel"]
-    assert "'model'" not in shardings["gamma"]  # LayerNorm stays replicated
+    # Data parallel: batches went to both devices during fit and evaluate, the training
+    # batches whole (64) and the test split's odd last batch (359 = 5 x 64 + 39) padded to 40.
+    placed = {tuple(b) for b in results["data-parallel"]["batches"]}
+    assert (2, 64) in placed and (2, 40) in placed and all(n % 2 == 0 for _, n in placed)
+    assert not results["none"]["batches"]
+    # Model parallel: the trained model's kernels are split by head, LayerNorm replicated.
+    shardings = results["model-parallel"]["shardings"]
+    assert shardings["query_kernel"] == [None, "model", None], shardings
+    assert shardings["out_kernel"] == ["model", None, None], shardings
+    assert "model" in shardings["kernel"] and "model" not in shardings["gamma"]
     # The export ran on TensorFlow (a process of its own), verified as any other.
     assert {"keras", "savedmodel", "tflite_float32", "tflite_int8"} <= set(results["export"])
 
 
 def test_a_killed_jax_run_resumes_to_the_same_weights(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    args = ["--variant", "Ti/4", "--image-size", "16", "--depth", "2", "--epochs", "3",
+    args = ["--variant", "Ti/4", "--image-size", "16", "--depth", "1", "--epochs", "3",
+            "--train-fraction", "0.5",
             "--batch-size", "64", "--checkpoint-every", "4", "--no-export", "--verbose", "0"]
 
     def command(out):
         return [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out), *args]
 
     out = tmp_path / "killed"
-    process = subprocess.Popen(command(out), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=env)
-    metadata = out / "backup" / "training_metadata.json"
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:  # a mid-epoch backup in epoch 2 or later
-            if metadata.exists():
-                try:
-                    state = json.loads(metadata.read_text())
-                except ValueError:
-                    state = {}
-                if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:
-                    break
-            assert process.poll() is None, process.stdout.read().decode()[-3000:]
-            time.sleep(0.2)
-        else:
-            pytest.fail("no mid-epoch backup appeared")
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    kill_at_a_mid_epoch_backup(command(out), out, env)
     resumed = subprocess.run(command(out), capture_output=True, text=True, env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "Restored the backup at step" in resumed.stdout

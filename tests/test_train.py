@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -14,6 +13,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+
+from tests.conftest import kill_at_a_mid_epoch_backup
 
 TINY = ["--variant", "Ti/16", "--image-size", "8", "--patch-size", "2", "--depth", "1",
         "--batch-size", "32", "--jit-compile", "off", "--no-export", "--verbose", "0"]
@@ -130,27 +131,7 @@ def test_a_killed_run_resumes_where_it_was(tmp_path):
     args = ["--epochs", "4", "--checkpoint-every", "3", "--batch-size", "64",
             "--validation-split", "0", "--depth", "2"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    process = subprocess.Popen(train_command(out, *args), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, env=env)
-    metadata = out / "backup" / "training_metadata.json"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # wait for a mid-epoch backup in epoch 2 or later
-            if metadata.exists():
-                try:
-                    state = json.loads(metadata.read_text())
-                except ValueError:
-                    state = {}
-                if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:  # mid-epoch
-                    break
-            assert process.poll() is None, process.stdout.read().decode()[-3000:]
-            time.sleep(0.2)
-        else:
-            pytest.fail("no mid-epoch backup appeared")
-        os.kill(process.pid, signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
+    kill_at_a_mid_epoch_backup(train_command(out, *args), out, env, timeout=240)
     config = json.loads((out / "config.json").read_text())
     assert not config["finished"]
     result = run_train(out, *args)

@@ -12,15 +12,19 @@ compiled) over random images held in host memory, as a user's in-memory data wou
 and `--warmup` untimed ones. MFU counts the matmul FLOPs of keras-vit's forward pass times
 three (the backward pass does twice the forward's), over the bfloat16 matmul peak measured
 in the same run (the best of large square matmuls) and over the datasheet peak of the GPUs
-named in `DATASHEET_TFLOPS`.
+named in `DATASHEET_TFLOPS`. `--peer timm` (the default) first times timm's ViT of the same
+shape on the same device with PyTorch in its own process (`torch_peer`: torch.compile,
+bfloat16 autocast, SDPA) and reports keras-vit's images/s as a ratio of it.
 """
 
 import dataclasses
+import json
 import logging
 import os
 import platform
 import re
 import statistics
+import subprocess
 import sys
 import time
 
@@ -29,12 +33,14 @@ DATASHEET_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756
                     "H200": 989.0, "A100": 312.0, "L4": 121.0}
 
 
-def forward_flops(variant, image_size, num_classes):
-    """Matmul FLOPs of one image through keras-vit's forward pass (see `vit_flops`)."""
+def forward_flops(variant, image_size, num_classes, last_block_all_tokens=False):
+    """Matmul FLOPs of one image through keras-vit's forward pass (see `vit_flops`), or with
+    `last_block_all_tokens` through timm's, which runs the last block on every token."""
     from keras_vit.benchmarks.cpu import vit_flops
 
     return vit_flops(variant.width, variant.num_heads, variant.mlp_dim, variant.depth,
-                     image_size, variant.patch_size, classes=num_classes)
+                     image_size, variant.patch_size, classes=num_classes,
+                     last_block_all_tokens=last_block_all_tokens)
 
 
 def _sync(x):
@@ -116,6 +122,30 @@ def datasheet_peak(name, precision):
                  if re.search(rf"(^|\W){re.escape(key)}($|\W)", name)), None)
 
 
+def peer_images_per_second(variant, args):
+    """Runs `torch_peer` in its own process with the benchmark's shape and settings; returns
+    its figures, or {"skipped": why} where PyTorch is missing or the peer fails."""
+    import importlib.util
+
+    if not importlib.util.find_spec("torch"):
+        return {"skipped": "PyTorch is not installed"}
+    command = [sys.executable, "-m", "keras_vit.benchmarks.torch_peer",
+               "--image-size", str(args.image_size), "--patch-size", str(variant.patch_size),
+               "--width", str(variant.width), "--depth", str(variant.depth),
+               "--heads", str(variant.num_heads), "--mlp-dim", str(variant.mlp_dim),
+               "--num-classes", str(args.num_classes), "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps), "--repeats", str(args.repeats),
+               "--warmup", str(args.warmup), "--precision", args.precision,
+               "--compile", args.peer_compile]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return {"skipped": "the PyTorch peer ran over 30 minutes"}
+    if result.returncode:
+        return {"skipped": "the PyTorch peer failed: " + result.stderr.strip()[-1500:]}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
 def run_accelerator_benchmark(args):
     """Times `fit` as the module doc says (`args`: the options of `keras-vit
     benchmark-accelerator`); returns a dict of the figures. Progress goes to the
@@ -132,6 +162,12 @@ def run_accelerator_benchmark(args):
         variant = dataclasses.replace(variant, depth=args.depth)
     if variant.is_hybrid:
         raise ValueError("plain ViT variants only (the FLOP count has no ResNet stem)")
+    # The peer first, in its own process, before this one's backend holds the device's memory.
+    peer = None
+    if args.peer == "timm":
+        log.info("timing the PyTorch peer (timm's VisionTransformer, else Hugging Face's ViT) "
+                 "in its own process")
+        peer = peer_images_per_second(variant, args)
     name = device_name()
     log.info(f"device: {name}; Keras {keras.__version__} on {keras.backend.backend()}")
     matmul_dtype = "float32" if args.precision == "float32" else args.precision[len("mixed_"):]
@@ -141,7 +177,7 @@ def run_accelerator_benchmark(args):
 
     model = keras_vit.build(variant, image_size=args.image_size, num_classes=args.num_classes,
                             dtype=args.precision)
-    model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1, clipnorm=1.0),
+    model.compile(optimizer=keras.optimizers.AdamW(1e-4, weight_decay=0.1, global_clipnorm=1.0),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile="auto")
     images = args.batch_size * args.steps
@@ -173,4 +209,11 @@ def run_accelerator_benchmark(args):
             "steps": args.steps, "repeats": args.repeats, "gflop_per_image": flops / 1e9,
             "achieved_tflops": achieved, "matmul_dtype": matmul_dtype,
             "measured_peak_tflops": peak, "mfu_measured": achieved / peak,
-            "datasheet_tflops": sheet, "mfu_datasheet": achieved / sheet if sheet else None}
+            "datasheet_tflops": sheet, "mfu_datasheet": achieved / sheet if sheet else None,
+            "peer": peer,
+            "peer_ratio": (per_second / peer["images_per_second"]
+                           if peer and "images_per_second" in peer else None),
+            "peer_mfu_measured": (
+                3 * forward_flops(variant, args.image_size, args.num_classes, True)
+                * peer["images_per_second"] / 1e12 / peak
+                if peer and "images_per_second" in peer else None)}

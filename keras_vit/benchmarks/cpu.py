@@ -78,10 +78,11 @@ def matmul_peak(n=4096, repeats=5):
 
 
 def vit_flops(width, heads, mlp, depth, image_size, patch_size, channels=3, classes=0,
-              class_token=True):
+              class_token=True, last_block_all_tokens=False):
     """Multiply-add FLOPs (x2) of one image through keras-vit's forward pass (matmuls only):
     the work done, so with a class token the last block counts the class token's queries,
-    projections and MLP alone (see `keras_vit.build`)."""
+    projections and MLP alone (see `keras_vit.build`); `last_block_all_tokens`: as models
+    that run the last block on every token (timm, Hugging Face) do."""
     patches = (image_size // patch_size) ** 2
     tokens = patches + int(class_token)
     embed = 2 * patches * patch_size * patch_size * channels * width
@@ -93,7 +94,7 @@ def vit_flops(width, heads, mlp, depth, image_size, patch_size, channels=3, clas
                 + 2 * queries * width * width        # output projection
                 + 2 * 2 * queries * width * mlp)     # MLP
 
-    last = block(1 if class_token else tokens)
+    last = block(1 if class_token and not last_block_all_tokens else tokens)
     return embed + (depth - 1) * block(tokens) + last + 2 * width * classes
 
 

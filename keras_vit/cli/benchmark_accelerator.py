@@ -18,6 +18,12 @@ def add_arguments(parser):
                         choices=["mixed_bfloat16", "mixed_float16", "float32"])
     parser.add_argument("--matmul-size", type=int, default=8192,
                         help="side of the square matmuls that measure the peak")
+    parser.add_argument("--peer", default="timm", choices=["timm", "none"],
+                        help="also time timm's ViT of the same shape with PyTorch on the same "
+                             "device, in its own process (default timm; Hugging Face's ViT "
+                             "stands in where timm is missing)")
+    parser.add_argument("--peer-compile", default="auto", choices=["auto", "on", "off"],
+                        help="torch.compile the peer (auto: on GPUs)")
 
 
 def run(args):
@@ -36,4 +42,13 @@ def run(args):
           f"measured {r['matmul_dtype']} matmul peak"
           + (f", {100 * r['mfu_datasheet']:.1f}% of the datasheet {r['datasheet_tflops']:.0f} "
              "TFLOP/s" if r["datasheet_tflops"] else ""))
+    peer = r["peer"]
+    if peer and "skipped" in peer:
+        print(f"peer: skipped ({peer['skipped']})")
+    elif peer:
+        print(f"peer: {peer['peer']}, PyTorch {peer['torch']} on {peer['device']}"
+              f"{', torch.compile' if peer['compiled'] else ''}: "
+              f"{peer['images_per_second']:.1f} img/s ({peer['ms_per_step']:.1f} ms/step, "
+              f"MFU {100 * r['peer_mfu_measured']:.1f}%); keras-vit/peer: "
+              f"{r['peer_ratio']:.2f}x")
     return 0

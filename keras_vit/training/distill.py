@@ -72,6 +72,8 @@ class Distiller(keras.Model):
         self.dtype_policy = student.dtype_policy  # (a loss-scale optimizer under mixed_float16)
         self._normalization = student.normalization
         self._to_teacher = teacher_inputs(teacher, student.image_size)
+        # Its parts are built models: a resumed run loads its backup before the first call.
+        self.built = True
 
     def call(self, images, training=None):
         if self.two_heads is None:
@@ -104,6 +106,8 @@ class Distiller(keras.Model):
                 distilled = t * t * keras.losses.kl_divergence(
                     ops.softmax(teacher / t), ops.softmax(dist / t))
             loss = (1.0 - self.alpha) * labels + self.alpha * distilled
+        if sample_weight is not None:  # (evaluation rows that pad a batch for the devices)
+            loss = loss * ops.cast(sample_weight, "float32")
         # As Keras' losses: a mean over the batch, each tf.distribute replica taking its share.
         return ops.mean(loss) / _replicas()
 

@@ -14,6 +14,7 @@ is trained again. `train` is a sequence of named steps (below); it logs to the
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -76,11 +77,11 @@ def train(config=None, **changes):
     config, plan = _fit_to_data(given, config, plan, data, strategy)
     run = _open_run_folder(config, strategy)
     try:
-        with seeded(config.seed):
+        with seeded(config.seed), _distribution_active(strategy):
             teacher = _prepare_teacher(config, data, run, strategy)
             model, trained = _build_model(config, plan, data, strategy, run, teacher)
             step = _restore_backup(trained, run, strategy)
-            pipelines = _make_pipelines(config, model, data, run)
+            pipelines = _make_pipelines(config, model, data, run, strategy)
             history = _fit(config, trained, pipelines, run, step)
             summary = _evaluate(trained, model, pipelines, start)
             _save_run(config, model, data, run, summary, strategy)
@@ -107,7 +108,11 @@ def _make_strategy(config):
     if backend == "jax":
         from keras_vit.training.jax_distribution import JaxDistribution
 
-        if config.strategy not in ("auto", "one-device") or config.cpu_devices:
+        if config.cpu_devices:
+            raise ConfigError("--cpu-devices splits a CPU for TensorFlow's strategies; on the "
+                              "JAX backend set XLA_FLAGS=--xla_force_host_platform_device_count"
+                              f"={config.cpu_devices} and use --distribution data-parallel.")
+        if config.strategy not in ("auto", "one-device"):
             raise ConfigError(f"--strategy {config.strategy} is TensorFlow's tf.distribute; on "
                               "the JAX backend use --distribution data-parallel or "
                               "model-parallel (keras.distribution).")
@@ -132,6 +137,26 @@ def _on_jax():
     import keras
 
     return keras.backend.backend() == "jax"
+
+
+def _distribution_active(strategy):
+    """On JAX, keras.distribution is read when `fit` and `evaluate` run, not only when the
+    model is built: the whole run happens in its scope. (tf.distribute strategies need their
+    scope only to build; `fit` finds the strategy on the variables.)"""
+    import contextlib
+
+    from keras_vit.training.jax_distribution import JaxDistribution
+
+    return strategy.scope() if isinstance(strategy, JaxDistribution) else \
+        contextlib.nullcontext()
+
+
+def _for_devices(strategy, dataset):
+    """Evaluation batches as the devices take them: padded for JAX data parallelism."""
+    from keras_vit.training.jax_distribution import JaxDistribution
+
+    return strategy.pad_for_devices(dataset) if isinstance(strategy, JaxDistribution) \
+        else dataset
 
 
 @dataclasses.dataclass
@@ -334,6 +359,11 @@ def _build_model(config, plan, data, strategy, run, teacher=None):
     replicas = strategy.num_replicas_in_sync
     per_replica_batch = config.batch_size // replicas
     tokens = plan.grid[0] * plan.grid[1]
+    if hasattr(strategy, "check"):  # keras.distribution on JAX
+        try:
+            strategy.check(plan.variant.num_heads, plan.variant.mlp_dim, config.batch_size)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
     from keras_vit.training import data as data_lib
     from keras_vit.training.distribute import describe
     from keras_vit.training.micro_batches import part_sizes, use_micro_batches
@@ -385,12 +415,24 @@ def _build_model(config, plan, data, strategy, run, teacher=None):
     return model, trained
 
 
+TEACHER_ACCURACY = "teacher_accuracy.json"  # beside teacher.keras: its test accuracy
+
+
 def _prepare_teacher(config, data, run, strategy):
     """The teacher of a distillation run: a `.keras` file or a run folder's model, or for
     "resnet" a small ResNet trained here first on the same data (kept in the run folder as
     teacher.keras, so a resumed run does not train it again); None without distillation."""
     if config.distillation == "none":
         return None
+    from keras_vit.keras_internals import seeded
+
+    # The teacher draws its random numbers apart from the student's: the student starts the
+    # same whether the teacher was trained here, read back on resume or given as a file.
+    with seeded(config.seed + 1):
+        return _read_or_train_teacher(config, data, run, strategy)
+
+
+def _read_or_train_teacher(config, data, run, strategy):
     from keras_vit.model import load_model
 
     classes = len(data.class_names)
@@ -398,6 +440,9 @@ def _prepare_teacher(config, data, run, strategy):
         path = run.path / "teacher.keras"
         if not path.is_file():
             return _train_teacher(config, data, run, strategy)
+        measured = run.path / TEACHER_ACCURACY  # (a resumed run: the teacher trained before)
+        if measured.is_file():
+            run.config["teacher_test_accuracy"] = json.loads(measured.read_text())["test_accuracy"]
     else:
         path = Path(config.teacher)
         if path.is_dir():
@@ -425,6 +470,7 @@ def _train_teacher(config, data, run, strategy):
     from keras_vit import recipes
     from keras_vit.training import augment
     from keras_vit.training import data as data_lib
+    from keras_vit.model import load_model
     from keras_vit.training.distill import small_resnet
 
     classes = len(data.class_names)
@@ -439,8 +485,8 @@ def _train_teacher(config, data, run, strategy):
         data, config.batch_size, seed=config.seed + 1, cache=cache, crop_area=config.crop_area,
         augment=augment.make_augmenter(augment_config, classes, "none")).prefetch(
         tf.data.AUTOTUNE)
-    test = data_lib.evaluation_batches(data.test, config.batch_size, cache).map(
-        augment.prepare_evaluation(classes, "none"))
+    test = _for_devices(strategy, data_lib.evaluation_batches(
+        data.test, config.batch_size, cache).map(augment.prepare_evaluation(classes, "none")))
     with strategy.scope():
         teacher = small_resnet(tuple(config.image_size), classes)
         total = config.epochs * spe
@@ -452,11 +498,21 @@ def _train_teacher(config, data, run, strategy):
                         metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
     teacher.fit(batches, epochs=config.epochs, steps_per_epoch=spe, verbose=config.verbose,
                 shuffle=False)
-    _, accuracy = teacher.evaluate(test, verbose=0)
-    logger.info(f"Teacher test accuracy: {accuracy:.4f}")
     path = run.path / "teacher.keras"
     run.path.mkdir(parents=True, exist_ok=True)
-    teacher.save(path)
+    partial = run.path / "teacher.partial.keras"  # a kill before the end leaves no teacher.keras
+    teacher.save(partial)
+    # The student learns from the teacher read back from its file: under MirroredStrategy each
+    # replica keeps its own batch-norm moving statistics (Keras' default) and the file holds
+    # the first replica's, so this is the teacher a resumed run reads too (same weights).
+    with strategy.scope():
+        teacher = load_model(partial, compile=False)
+        teacher.compile(loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+                        metrics=[keras.metrics.CategoricalAccuracy(name="accuracy")])
+    _, accuracy = teacher.evaluate(test, verbose=0)
+    logger.info(f"Teacher test accuracy: {accuracy:.4f}")
+    (run.path / TEACHER_ACCURACY).write_text(json.dumps({"test_accuracy": float(accuracy)}))
+    os.replace(partial, path)
     run.config.update(teacher_model=str(path), teacher_test_accuracy=float(accuracy))
     return teacher
 
@@ -480,7 +536,7 @@ class _Pipelines:
     test: object
 
 
-def _make_pipelines(config, model, data, run):
+def _make_pipelines(config, model, data, run, strategy):
     import tensorflow as tf
 
     from keras_vit.training import augment
@@ -506,8 +562,9 @@ def _make_pipelines(config, model, data, run):
     prepare = augment.prepare_evaluation(num_classes, model.normalization)
 
     def evaluation(split):
-        return (data_lib.evaluation_batches(split, config.batch_size, cache)
-                .map(prepare).prefetch(tf.data.AUTOTUNE).with_options(options))
+        return _for_devices(strategy, data_lib.evaluation_batches(
+            split, config.batch_size, cache).map(prepare)).prefetch(
+                tf.data.AUTOTUNE).with_options(options)
 
     # --validation-split 0: every labelled example trains, no validation curves.
     validation = evaluation(data.validation) if data.sizes["validation"] else None
@@ -600,15 +657,21 @@ def _export_with_tensorflow(run_dir, export_dir):
     from keras_vit.errors import ExportVerificationError
     from keras_vit.export import ExportReport
 
-    logger.info(f"Exporting on the TensorFlow backend, in a process of its own ...")
+    logger.info("Exporting on the TensorFlow backend, in a process of its own ...")
+    # On CPUs: this process's backend still holds the accelerator's memory, and export and
+    # verification need none.
     result = subprocess.run([sys.executable, "-m", "keras_vit.cli", "export", str(run_dir),
                              "--out", str(export_dir), "--quiet"],
-                            env={**os.environ, "KERAS_BACKEND": "tensorflow"},
+                            env={**os.environ, "KERAS_BACKEND": "tensorflow",
+                                 "CUDA_VISIBLE_DEVICES": ""},
                             capture_output=True, text=True)
-    if result.returncode == 1:
-        raise ExportVerificationError(result.stderr.strip())
     if result.returncode:
-        raise ConfigError(f"The export of {run_dir} failed: {result.stderr.strip()[-2000:]}")
+        lines = result.stderr.strip().splitlines()
+        said = [line for line in lines if line.startswith("keras-vit export:")]
+        raise ExportVerificationError(
+            "\n".join(said) if said else
+            f"keras-vit export crashed (exit status {result.returncode}):\n"
+            + "\n".join(lines[-20:]))
     report = ExportReport.read_json(Path(export_dir) / "report.json")
     logger.info(result.stdout.strip())
     return report
@@ -665,10 +728,16 @@ def build_optimizer(config, steps_per_epoch, model=None):
 def pick_precision(config, strategy):
     if config.precision != "auto":
         return config.precision
-    if _on_jax():  # bfloat16 on accelerators (all have it in JAX's reach), float32 on CPUs
+    if _on_jax():  # bfloat16 on TPUs and GPUs that have it (compute capability 8+), as below
         import jax
 
-        return "float32" if jax.devices()[0].platform == "cpu" else "mixed_bfloat16"
+        device = jax.devices()[0]
+        if device.platform == "tpu":
+            return "mixed_bfloat16"
+        capability = getattr(device, "compute_capability", None)
+        if device.platform == "gpu" and capability and float(capability) >= 8:
+            return "mixed_bfloat16"
+        return "float32"
     import tensorflow as tf
 
     if isinstance(strategy, tf.distribute.TPUStrategy):
