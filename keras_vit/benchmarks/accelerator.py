@@ -129,7 +129,7 @@ def peer_images_per_second(variant, args):
 
     if not importlib.util.find_spec("torch"):
         return {"skipped": "PyTorch is not installed"}
-    command = [sys.executable, "-m", "keras_vit.benchmarks.torch_peer",
+    command = [sys.executable, "-m", "keras_vit.cli.torch_peer",
                "--image-size", str(args.image_size), "--patch-size", str(variant.patch_size),
                "--width", str(variant.width), "--depth", str(variant.depth),
                "--heads", str(variant.num_heads), "--mlp-dim", str(variant.mlp_dim),

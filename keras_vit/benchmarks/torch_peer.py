@@ -5,14 +5,11 @@ both compute the same function) as timm users run it on a GPU:
 global-norm clipping, batches copied from pinned host memory each step as a loader would.
 Where timm is missing, Hugging Face's ViT (SDPA attention) stands in, and says so.
 
-It runs as its own process (`python -m keras_vit.benchmarks.torch_peer ...`, one JSON line
+It runs as its own process (`python -m keras_vit.cli.torch_peer ...`, one JSON line
 out), so PyTorch and the Keras backend never share the device's memory in one process.
 """
 
-import argparse
-import json
 import statistics
-import sys
 import time
 
 
@@ -101,19 +98,3 @@ def measure(args):
             "compiled": compiled, "first_call_seconds": first,
             "images_per_second": args.batch_size * args.steps / seconds,
             "ms_per_step": 1000 * seconds / args.steps}
-
-
-def arguments(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for name in ("image-size", "patch-size", "width", "depth", "heads", "mlp-dim",
-                 "num-classes", "batch-size", "steps", "repeats", "warmup"):
-        parser.add_argument(f"--{name}", type=int, required=True)
-    parser.add_argument("--precision", required=True,
-                        choices=["mixed_bfloat16", "mixed_float16", "float32"])
-    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
-    return parser.parse_args(argv)
-
-
-if __name__ == "__main__":
-    print(json.dumps(measure(arguments())))
-    sys.stdout.flush()
