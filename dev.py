@@ -66,7 +66,11 @@ def main():
         cmd = [str(BIN / "keras-vit"), "train", *args]
     else:
         # Both cores (pytest-xdist): many tests wait on processes, imports and compilers.
-        workers = [] if any(a.startswith(("-n", "--numprocesses")) for a in args) else ["-n", "2"]
+        # loadscope: a module's tests run on one worker, so that a module-scoped fixture (a
+        # trained run, a two-worker cluster's run) is made once, not once per worker; in the
+        # order tests/conftest.py collects them (the longest first), not by number of tests.
+        workers = ([] if any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
+                   else ["-n", "2", "--dist", "loadscope", "--no-loadscope-reorder"])
         cmd = [str(BIN / "python"), "-m", "pytest", *workers, *args]
     sys.exit(subprocess.call(cmd, cwd=ROOT))
 

@@ -122,3 +122,14 @@ def run_processes(commands, envs, cwd, log_paths, *, timeout, grace, watch=None)
             f"---- process {i} (last 4000 characters) ----\n{out[-4000:]}"
             for i, out in enumerate(outputs)))
     return procs, outputs, seen
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tests first, those with the longest time limits first among them (a stable
+    sort): under pytest-xdist the two workers then end on short tests together, instead of
+    one waiting for a long test the other started last."""
+    def order(item):
+        limit = item.get_closest_marker("timeout")
+        return item.get_closest_marker("slow") is None, -(limit.args[0] if limit else 0)
+
+    items.sort(key=order)

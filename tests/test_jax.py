@@ -26,9 +26,10 @@ TINY = dict(data="digits", variant="S/4", image_size=16, depth=1, epochs=2, batc
             drop_path=0.0, verbose=0, train_fraction=0.25)
 
 
-def run_python(code, env, timeout=800):
+def run_python(code, env, cwd, timeout=800):
+    # cwd: a run's default export folder (exported/<run name>) is relative to it.
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                            text=True, timeout=timeout, env={**os.environ, **env})
+                            text=True, timeout=timeout, env={**os.environ, **env}, cwd=cwd)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -72,7 +73,7 @@ def test_distributions_train_the_same_and_shard_the_kernels(tmp_path):
             except keras_vit.errors.ConfigError as err:
                 refused.append(str(err))
         print(json.dumps(dict(results=results, devices=len(jax.devices()), refused=refused)))
-        """, TWO_DEVICES)
+        """, TWO_DEVICES, cwd=tmp_path)
     assert len(found["refused"]) == 2, found["refused"]
     assert "has 3 heads" in found["refused"][0] and "S: 6" in found["refused"][0]
     assert "--batch-size 63 is not divisible by the 2 replicas" in found["refused"][1]
@@ -97,11 +98,12 @@ def test_distributions_train_the_same_and_shard_the_kernels(tmp_path):
     assert "model" in shardings["kernel"] and "model" not in shardings["gamma"]
     # The export ran on TensorFlow (a process of its own), verified as any other.
     assert {"keras", "savedmodel", "tflite_float32", "tflite_int8"} <= set(results["export"])
+    assert (tmp_path / "exported" / "none" / "1" / "saved_model.pb").is_file()
 
 
 def test_a_killed_jax_run_resumes_to_the_same_weights(tmp_path):
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "2"}
-    args = ["--variant", "Ti/4", "--image-size", "16", "--depth", "1", "--epochs", "3",
+    args = ["--variant", "Ti/4", "--image-size", "16", "--depth", "1", "--epochs", "2",
             "--train-fraction", "0.5",
             "--batch-size", "64", "--checkpoint-every", "4", "--no-export", "--verbose", "0"]
 

@@ -55,8 +55,9 @@ def test_parts_give_the_whole_batch_update(jit):
     x, y, _ = _data()
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(12)
     whole = _train(1, dataset, jit=jit)
-    # 4 equal parts, and 5 requested of 12 -> parts of 3 (the batch is split in 4).
-    for parts in (4, 5):
+    # 4 equal parts, and 5 requested of 12 -> parts of 3 (the batch is split in 4: decided
+    # before tracing, so XLA needs only the first).
+    for parts in (4,) if jit else (4, 5):
         _assert_same_training(whole, _train(parts, dataset, jit=jit))
 
 
