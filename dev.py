@@ -68,7 +68,8 @@ def main():
         # Both cores (pytest-xdist): many tests wait on processes, imports and compilers.
         # loadscope: a module's tests run on one worker, so that a module-scoped fixture (a
         # trained run, a two-worker cluster's run) is made once, not once per worker; in the
-        # order tests/conftest.py collects them (the longest first), not by number of tests.
+        # order tests/conftest.py collects them (slow first, longest time limits first), not by
+        # their number of tests.
         workers = ([] if any(a.startswith(("-n", "--numprocesses", "--dist")) for a in args)
                    else ["-n", "2", "--dist", "loadscope", "--no-loadscope-reorder"])
         cmd = [str(BIN / "python"), "-m", "pytest", *workers, *args]
