@@ -17,6 +17,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from tests import processes  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _float32_policy_and_seed():
@@ -43,8 +45,7 @@ def kill_at_a_mid_epoch_backup(command, out, env, timeout=400):
     import json
     import signal
 
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=env)
+    process = processes.Process(command, env=env, stderr=subprocess.STDOUT)
     metadata = Path(out) / "backup" / "training_metadata.json"
     deadline = time.time() + timeout
     try:
@@ -57,7 +58,7 @@ def kill_at_a_mid_epoch_backup(command, out, env, timeout=400):
                     pass
             if state.get("epoch", 0) >= 1 and state.get("batch", 0) > 0:
                 break
-            assert process.poll() is None, process.stdout.read().decode()[-3000:]
+            assert process.poll() is None, process.stdout[-3000:]
             time.sleep(0.2)
         else:
             pytest.fail("no mid-epoch backup appeared")
@@ -65,6 +66,7 @@ def kill_at_a_mid_epoch_backup(command, out, env, timeout=400):
     finally:
         process.kill()
         process.wait()
+        process.remove_files()
 
 
 def free_ports(n):
@@ -90,9 +92,9 @@ def run_processes(commands, envs, cwd, log_paths, *, timeout, grace, watch=None)
     """
     procs, seen = [], set()
     for command, env, log_path in zip(commands, envs, log_paths):
-        with open(log_path, "w") as log:  # files, not pipes: no process blocks on its output
-            procs.append(subprocess.Popen(command, cwd=cwd, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT))
+        # Files, not pipes: no process blocks on its output.
+        procs.append(processes.Process(command, cwd=cwd, env=env, stdout=log_path,
+                                       stderr=subprocess.STDOUT))
     deadline, failed_at, problem = time.monotonic() + timeout, None, None
     try:
         while any(p.poll() is None for p in procs):
@@ -116,6 +118,7 @@ def run_processes(commands, envs, cwd, log_paths, *, timeout, grace, watch=None)
             if p.poll() is None:
                 p.kill()
             p.wait()
+            p.remove_files()
     outputs = [Path(path).read_text(errors="replace") for path in log_paths]
     if problem:
         pytest.fail(f"{problem}:\n" + "\n".join(

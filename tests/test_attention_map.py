@@ -3,7 +3,6 @@ on GAP and hybrid models, the overlay PNG, the command and the script."""
 
 import importlib
 import os
-import subprocess
 import sys
 
 import keras
@@ -13,6 +12,7 @@ import tensorflow as tf
 
 import keras_vit
 from keras_vit.variants import Variant
+from tests import processes
 from tests.conftest import randomize_weights
 from tests.test_checkpoints import (CLASSES, TINY, hf_to_vit_jax, hf_vit, images, state)
 from tests.test_hybrid import TINY_HYBRID
@@ -136,9 +136,9 @@ def test_overlay_sheet_command_and_script(tmp_path, capsys):
         assert err.startswith("keras-vit attention-map: error:") and named in err
         assert "Traceback" not in err
 
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, os.path.join(ROOT, "scripts", "attention_map.py"), str(image_path),
-         "--model", str(tmp_path / "m.keras")], capture_output=True, text=True, timeout=300,
+         "--model", str(tmp_path / "m.keras")], timeout=300,
         env={**os.environ, "KERAS_BACKEND": "tensorflow"})
     assert result.returncode == 0, result.stderr[-2000:]
     written = str(tmp_path / "photo_attention.png")

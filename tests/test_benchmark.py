@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from tests import processes
+
 TINY = ["--variants", "Ti/16", "--batch-sizes", "2", "--image-size", "32", "--depth", "1",
         "--repeats", "1", "--warmup", "0", "--train-steps", "1", "--train-batch-size", "8",
         "--train-image-size", "16", "--memory-variant", "Ti/16", "--memory-batch-size", "2"]
@@ -16,9 +18,9 @@ TINY = ["--variants", "Ti/16", "--batch-sizes", "2", "--image-size", "32", "--de
 def test_benchmark_prints_table_with_ratios(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark.py"),
-         *TINY, "--json", str(out)], capture_output=True, text=True, timeout=900, env=env)
+         *TINY, "--json", str(out)], timeout=900, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("| work"))

@@ -2,7 +2,6 @@
 
 import io
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +10,7 @@ from PIL import Image
 
 from keras_vit.images import normalize, resize_image
 from keras_vit.training.data import DataError, load_folder, scan_folder
+from tests import processes
 
 
 def write_image(path, mode, fmt, size=(12, 10), seed=0):
@@ -253,13 +253,12 @@ def test_folder_errors_say_what_to_do(tmp_path):
 @pytest.mark.slow
 def test_training_on_a_folder_with_bad_files_survives_the_epoch(image_folder, tmp_path):
     root, _, _ = image_folder
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, "-m", "keras_vit.cli", "train", "--data", f"folder:{root}",
          "--out", str(tmp_path / "run"), "--variant", "Ti/16", "--image-size", "8",
          "--patch-size", "4", "--depth", "1", "--epochs", "1", "--batch-size", "4",
          "--jit-compile", "off", "--no-export", "--verbose", "0"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     # Named on stderr, in the project's words (not TensorFlow's op text), and training went on.
     assert "Warning: Skipped 4 unreadable file(s)" in result.stderr

@@ -205,9 +205,9 @@ def test_distillation_under_mirrored_resumes_after_a_kill(tmp_path):
     not depend on where its teacher came from); the teacher is trained once."""
     import os
     import re
-    import subprocess
     import sys
 
+    from tests import processes
     from tests.conftest import kill_at_a_mid_epoch_backup
 
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -223,12 +223,13 @@ def test_distillation_under_mirrored_resumes_after_a_kill(tmp_path):
     out = tmp_path / "killed"
     kill_at_a_mid_epoch_backup(command(out), out, env)
     teacher_time = (out / "teacher.keras").stat().st_mtime
-    resumed = subprocess.run(command(out), capture_output=True, text=True, env=env, timeout=600)
+    resumed = processes.run(command(out), env=env, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "Restored the backup at step" in resumed.stdout
     assert (out / "teacher.keras").stat().st_mtime == teacher_time  # not trained again
-    whole = subprocess.run(command(tmp_path / "whole", out / "teacher.keras"),
-                           capture_output=True, text=True, env=env, timeout=600)
+    # In a fresh interpreter, with its own hash seed (see tests/processes.py).
+    whole = processes.run(command(tmp_path / "whole", out / "teacher.keras"), env=env,
+                          timeout=600, fresh=True)
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert "2 replica" in whole.stdout or "2 replica" in whole.stderr
 

@@ -1,13 +1,12 @@
 """keras_vit.distribute: strategies, the chief/worker helpers, and the Keras #20585 fix.
 
-The training runs happen in fresh subprocesses (tests/distribute_worker.py): logical CPU
-devices and multi-worker collectives can only be configured before TensorFlow starts. Each
-subprocess has a time limit, so a hung collective fails the test instead of stalling CI.
+The training runs happen in processes of their own (tests/distribute_worker.py, started by
+tests/processes.py): logical CPU devices and multi-worker collectives can only be configured
+before TensorFlow's runtime starts. Each process has a time limit, so a hung collective fails the test instead of stalling CI.
 """
 
 import json
 import os
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -19,6 +18,7 @@ import tensorflow as tf
 
 from keras_vit.training import distribute
 
+from tests import processes
 from tests.conftest import free_ports, run_processes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,13 +76,12 @@ def _check_ok(results):
         assert rc == 0, out[-4000:]
 
 
-# ------------------------------------------------------------------ training in subprocesses
+# ------------------------------------------------------------------ training in processes
 
 @pytest.mark.slow
 def test_mirrored_on_two_logical_cpus_trains_a_vit(tmp_path):
-    proc = subprocess.run([sys.executable, str(WORKER), "mirrored", "--out", str(tmp_path)],
-                          cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT_S)
+    proc = processes.run([sys.executable, str(WORKER), "mirrored", "--out", str(tmp_path)],
+                         cwd=ROOT, env=_env(), timeout=TIMEOUT_S)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["replicas"] == 2
@@ -138,8 +137,8 @@ for name, strategy in [("one", tf.distribute.OneDeviceStrategy("/cpu:0")),
 def test_gradient_clipping_is_global_across_replicas(tmp_path):
     # One SGD step of lr 1 from zeros is the clipped gradient itself: two replicas must take
     # the step one device takes with the whole batch (Keras' own clipped each replica's half).
-    proc = subprocess.run([sys.executable, "-c", _CLIP_SCRIPT], capture_output=True, text=True,
-                          timeout=TIMEOUT_S, env=_env(), cwd=ROOT)
+    proc = processes.run([sys.executable, "-c", _CLIP_SCRIPT], timeout=TIMEOUT_S, env=_env(),
+                         cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     steps = {tuple(line.split()[:2]): np.array(line.split()[2:], float)
              for line in proc.stdout.splitlines() if line.startswith(("one ", "two "))}

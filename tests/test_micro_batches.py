@@ -1,6 +1,5 @@
 """Micro-batches must train exactly as whole batches do: same updates, loss and metrics."""
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import tensorflow as tf
 import keras_vit
 from keras_vit.training.micro_batches import (auto_micro_batches, micro_batches_of, part_sizes,
                                      use_micro_batches)
+from tests import processes
 from tests.conftest import randomize_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,8 +160,7 @@ for name, strategy, parts in [("one", tf.distribute.OneDeviceStrategy("/cpu:0"),
 @pytest.mark.slow
 def test_micro_batches_under_mirrored_strategy():
     # Two replicas, each splitting its 16 examples in 4 parts, step as one device does.
-    proc = subprocess.run([sys.executable, "-c", _MIRRORED_SCRIPT], capture_output=True,
-                          text=True, timeout=300, cwd=ROOT)
+    proc = processes.run([sys.executable, "-c", _MIRRORED_SCRIPT], timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = {line.split()[0]: np.array(line.split()[1:], float)
             for line in proc.stdout.splitlines() if line.startswith(("one ", "two "))}

@@ -11,6 +11,7 @@ import pytest
 import keras_vit
 from keras_vit.layers import PatchEncoder, Patches, TransformerBlock
 from keras_vit.variants import parse_variant
+from tests import processes
 from tests.conftest import randomize_weights
 
 REFERENCE_PARAMS = {  # google-research/vision_transformer models_test.py, 224x224, 1000 classes
@@ -212,9 +213,8 @@ def test_feature_model_saves_and_keeps_its_models_precision(tmp_path):
             "f = keras.saving.load_model(sys.argv[1]); "
             "np.save(sys.argv[3], f(np.load(sys.argv[2]))['attention_weights'][1])")
     np.save(tmp_path / "x.npy", x)
-    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "features.keras"),
-                             str(tmp_path / "x.npy"), str(tmp_path / "a.npy")],
-                            capture_output=True, text=True)
+    result = processes.run([sys.executable, "-c", code, str(tmp_path / "features.keras"),
+                            str(tmp_path / "x.npy"), str(tmp_path / "a.npy")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     np.testing.assert_array_equal(np.load(tmp_path / "a.npy"),
                                   keras.ops.convert_to_numpy(expected["attention_weights"][1]))
@@ -247,8 +247,8 @@ def test_keras_file_round_trip_in_a_fresh_process(tmp_path, pooling):
             "np.save(sys.argv[3], m.predict(np.load(sys.argv[2]), verbose=0)); "
             "print(m.get_layer('encoderblock_3').get_config()['gelu'], "
             "m.get_layer('encoder_norm').output.shape[1])")
-    result = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),
-                             str(tmp_path / "y.npy")], capture_output=True, text=True)
+    result = processes.run([sys.executable, "-c", code, str(path), str(tmp_path / "x.npy"),
+                            str(tmp_path / "y.npy")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     # A loaded class-token model keeps computing the last block for the class token alone.
     assert result.stdout.split()[-2:] == ["erf", "16" if pooling == "gap" else "1"]

@@ -3,12 +3,13 @@ blocks in order, as one script in a folder of its own, all the files in one fres
 (one TensorFlow start-up for all of them)."""
 
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests import processes
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -56,7 +57,7 @@ def test_python_blocks_of_every_page_run(tmp_path):
             scripts.append(folder / f"{page.stem}_examples.py")
             scripts[-1].write_text("\n\n".join(blocks))
     assert len(scripts) >= 4, scripts  # README, checkpoints, deployment, model, training
-    result = subprocess.run([sys.executable, "-c", RUNNER, *map(str, scripts)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=880)
+    result = processes.run([sys.executable, "-c", RUNNER, *map(str, scripts)], cwd=tmp_path,
+                           timeout=880)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert result.stdout.count("==== ") == len(scripts)

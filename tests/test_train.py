@@ -5,7 +5,6 @@ import json
 import math
 import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ import keras
 import numpy as np
 import pytest
 
+from tests import processes
 from tests.conftest import kill_at_a_mid_epoch_backup
 
 TINY = ["--variant", "Ti/16", "--image-size", "8", "--patch-size", "2", "--depth", "1",
@@ -24,10 +24,9 @@ def train_command(out, *extra):
     return [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out), *TINY, *extra]
 
 
-def run_train(out, *extra, timeout=300):
+def run_train(out, *extra, timeout=300, fresh=False):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run(train_command(out, *extra), capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return processes.run(train_command(out, *extra), env=env, timeout=timeout, fresh=fresh)
 
 
 def printed_fingerprint(stdout):
@@ -85,8 +84,7 @@ def test_saved_model_loads_in_a_fresh_process_and_has_no_augmentation(finished_r
             "x = keras_vit.preprocess(s['test_images']); "
             "acc = float(np.mean(np.argmax(m.predict(x, verbose=0), -1) == s['test_labels'])); "
             "print(acc, sorted({type(l).__name__ for l in m.layers}))")
-    result = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True,
-                            text=True)
+    result = processes.run([sys.executable, "-c", code, str(out)], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     accuracy, layer_types = result.stdout.strip().split(" ", 1)
     config = json.loads((out / "config.json").read_text())
@@ -136,8 +134,9 @@ def test_a_killed_run_resumes_where_it_was_and_the_same_command_trains_the_same_
     # batch order, crops, augmentations, stochastic-depth masks and initial weights in another
     # process (the augmentations once drew from their layers' seed state, in whatever order
     # tf.data's parallel calls took it, and runs differed), and a resume that takes them up
-    # where the killed process left them.
-    whole = run_train(tmp_path / "whole", *args)
+    # where the killed process left them. In a fresh interpreter, with a hash seed of its own
+    # (see tests/processes.py).
+    whole = run_train(tmp_path / "whole", *args, fresh=True)
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-4000:]
     assert printed_fingerprint(result.stdout) == printed_fingerprint(whole.stdout)
 
@@ -502,13 +501,12 @@ def test_fine_tunes_a_checkpoint_at_a_new_resolution_with_the_sgd_preset(tmp_pat
     source = keras_vit.build("Ti/16", image_size=8, patch_size=4, depth=1)
     keras_vit.checkpoints.save_npz(source, tmp_path / "ckpt.npz")
     out = tmp_path / "finetuned"
-    result = subprocess.run(
+    result = processes.run(
         [sys.executable, "-m", "keras_vit.cli", "train", "--out", str(out), "--variant", "Ti/16",
          "--image-size", "16", "--patch-size", "4", "--depth", "1", "--epochs", "1",
          "--batch-size", "64", "--weights", str(tmp_path / "ckpt.npz"), "--preset", "finetune",
          "--jit-compile", "off", "--no-export", "--verbose", "0"],
-        capture_output=True, text=True, timeout=300,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["optimizer"] == "sgd" and config["weight_decay"] == 0.0
