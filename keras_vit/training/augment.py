@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from keras_vit.images import normalize
+from keras_vit.training.data import as_written
 from keras_vit.keras_internals import StatelessSeeds, apply_seeded, layer_seed_generator
 
 
@@ -271,7 +272,7 @@ def make_augmenter(config, num_classes, normalization="vit", extra_layers=()):
         images = tf.clip_by_value(tf.cast(images, tf.float32), 0.0, 255.0)
         return normalize(images, normalization), labels
 
-    return augment
+    return as_written(augment)
 
 
 def prepare_evaluation(num_classes, normalization="vit"):
@@ -280,4 +281,4 @@ def prepare_evaluation(num_classes, normalization="vit"):
     def prepare(images, labels):
         return normalize(images, normalization), tf.one_hot(labels, num_classes)
 
-    return prepare
+    return as_written(prepare)
