@@ -4,9 +4,9 @@
     python3 dev.py run [train flags]   # set up, then train + evaluate + export on the embedded data
     python3 dev.py test [pytest args]  # set up, then run the test suite
 
-Set-up makes `.venv/` and installs this package with its test, TFLite, ONNX, TF Serving client and
-MediaPipe extras;
-it is skipped when `pyproject.toml` has not changed since the last install.
+Set-up makes `.venv/` and installs this package with its test, TFLite, ONNX, TF Serving client,
+MediaPipe and keras-cv extras; it is skipped when `pyproject.toml` has not changed since the last
+install.
 """
 
 import hashlib
@@ -22,7 +22,7 @@ BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 STAMP = VENV / ".keras-vit-installed"
 
 
-EXTRAS = "test,tflite,onnx,serving,mediapipe"
+EXTRAS = "test,tflite,onnx,serving,mediapipe,keras-cv"
 
 
 def _has_pip(python):

@@ -214,3 +214,29 @@ def test_batch_seeds_give_each_draw_its_own_seed_from_the_batch_seed_alone():
     assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
     again = BatchSeeds(tf.constant([3, 9], tf.int64))
     np.testing.assert_array_equal(keras.random.uniform((4,), seed=again).numpy(), draws[0])
+
+
+def _through_the_pipeline(extra_layers, images, labels):
+    """What training does with a user's layers: make_augmenter's function, in tf.data."""
+    from keras_vit.training.augment import AugmentConfig, make_augmenter
+
+    augment = make_augmenter(AugmentConfig(flip=False), 4, extra_layers=extra_layers)
+    dataset = tf.data.Dataset.from_tensors((images, labels)).map(
+        lambda x, y: augment(x, y, tf.constant([0, 0], tf.int64)))
+    return [(x.numpy(), y.numpy()) for x, y in dataset][0]
+
+
+def test_keras_cv_grid_mask_runs_in_the_training_pipeline():
+    """keras-cv (retired upstream, an optional plug-in: the `keras-cv` extra) has layers that
+    Keras core lacks; GridMask, as users pass it to `TrainConfig(augmentation_layers=...)`."""
+    keras_cv = pytest.importorskip("keras_cv")
+    grid_mask = keras_cv.layers.GridMask(ratio_factor=(0.5, 0.5), rotation_factor=0.0,
+                                         fill_mode="constant", fill_value=0.0, seed=1)
+    images, labels = tf.fill((4, 32, 32, 3), tf.constant(200, tf.uint8)), tf.constant([0, 1, 2, 3])
+    x, y = _through_the_pipeline([grid_mask], images, labels)
+    assert x.shape == (4, 32, 32, 3) and x.dtype == np.float32
+    masked = np.isclose(x, -1.0)  # filled with 0, then scaled to [-1, 1]
+    np.testing.assert_allclose(x[~masked], 200 / 127.5 - 1.0, atol=1e-6)  # the rest as it was
+    share = masked.mean(axis=(1, 2, 3))
+    assert np.all((share > 0.05) & (share < 0.6)), share  # a grid of squares in every image
+    np.testing.assert_array_equal(y, np.eye(4))

@@ -2,7 +2,8 @@
 
 The training runs happen in processes of their own (tests/distribute_worker.py, started by
 tests/processes.py): logical CPU devices and multi-worker collectives can only be configured
-before TensorFlow's runtime starts. Each process has a time limit, so a hung collective fails the test instead of stalling CI.
+before TensorFlow's runtime starts. Each process has a time limit, so a hung collective fails
+the test instead of stalling CI.
 """
 
 import json

@@ -5,8 +5,9 @@
   same --out, training one model together; only the chief (worker 0) keeps a run folder.
 
 Every run is a process of its own (tests/processes.py; logical CPU devices and multi-worker
-collectives can only be set up before TensorFlow's runtime starts), logs to a file, and has a time limit; when one worker fails the
-other is killed after a grace period instead of waiting for its dead peer until the limit.
+collectives can only be set up before TensorFlow's runtime starts), logs to a file, and has a
+time limit; when one worker fails the other is killed after a grace period instead of waiting
+for its dead peer until the limit.
 """
 
 import csv
