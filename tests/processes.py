@@ -46,13 +46,14 @@ def serve():
     stdin), answers its pid on stdout, and writes its exit code to the request's status file
     when it ends. Ends when stdin closes."""
     import importlib
-    import signal
 
     for name in PRELOAD:
         importlib.import_module(name)
     print("ready", flush=True)
     status_files = {}
     while True:
+        # One request at a time (its caller waits for the pid), so no second line can sit in
+        # stdin's buffer unseen by select.
         ready, _, _ = select.select([sys.stdin], [], [], 0.05)
         if ready:
             line = sys.stdin.readline()
@@ -61,7 +62,6 @@ def serve():
             request = json.loads(line)
             pid = os.fork()
             if pid == 0:
-                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
                 _child(**request)
             status_files[pid] = request["status"]
             print(pid, flush=True)
