@@ -1,6 +1,6 @@
 """The README's promise, and every ```python block of README.md and docs/*.md runs: each file's
-blocks in order, as one script in a folder of its own, all the files in one fresh interpreter
-(one TensorFlow start-up for all of them)."""
+blocks in order, as one script in a folder of its own, all the files in one process of their
+own (tests/processes.py: TensorFlow already imported)."""
 
 import re
 import sys
