@@ -25,6 +25,7 @@ import tensorflow as tf
 import keras_vit
 from keras_vit.export import ExportVerificationError, export_run, format_report
 from keras_vit.run_dir import save_run
+from tests import processes
 from tests.conftest import randomize_weights
 
 # Every test here reads one full export (made once per session: shared_export).
@@ -507,6 +508,29 @@ def test_onnx_round_trip_with_onnxruntime(exported):
         probs = session.run(["probabilities"], {"images": x})[0]
         assert np.abs(probs - exported["keras_probs"][:batch]).max() <= 1e-4
 
+
+
+_ONNX_IN_A_NEW_PROCESS = """
+import os, sys
+import numpy as np
+import keras_vit
+tiny = keras_vit.build("Ti/16", image_size=16, patch_size=8, depth=1, num_classes=2)
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "1"
+keras_vit.export_model(tiny, sys.argv[1], class_names=["a", "b"], formats=("onnx",),
+                       test_images=np.zeros((2, 16, 16, 3), np.uint8))
+print("TF_CPP_MIN_LOG_LEVEL", os.environ["TF_CPP_MIN_LOG_LEVEL"])
+"""
+
+
+@needs_onnx
+def test_onnx_export_leaves_the_environment_as_it_was(tmp_path):
+    # tf2onnx sets TF_CPP_MIN_LOG_LEVEL=3 when first imported; every TensorFlow process the
+    # caller starts afterwards would inherit it. In a process of its own: its first import.
+    result = processes.run([sys.executable, "-c", _ONNX_IN_A_NEW_PROCESS, str(tmp_path / "x")],
+                           timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TF_CPP_MIN_LOG_LEVEL 1" in result.stdout.splitlines()
+    assert (tmp_path / "x" / "x.onnx").is_file()
 
 # --- exact-erf GELU, through the CLI ----------------------------------------------------------
 

@@ -5,6 +5,7 @@ The file takes `images`: float32 pixels [batch, H, W, 3] in [0, 255] at the mode
 and returns `probabilities`.
 """
 
+import contextlib
 import os
 import warnings
 
@@ -14,11 +15,28 @@ MISSING = ("ONNX export needs tf2onnx, onnx and onnxruntime: pip install -e '.[o
            "(or pip install tf2onnx onnx onnxruntime)")
 
 
+@contextlib.contextmanager
+def _environment_kept():
+    """tf2onnx sets TF_CPP_MIN_LOG_LEVEL to 3 when imported (tf2onnx.convert): put the
+    caller's back, so that exporting ONNX leaves the process's environment as it was (every
+    TensorFlow process it starts later inherits it)."""
+    before = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = before
+
+
 def require_onnx():
     try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-        import tf2onnx  # noqa: F401
+        with _environment_kept():
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+            import tf2onnx  # noqa: F401
+            import tf2onnx.convert  # noqa: F401
     except ImportError as e:
         raise ImportError(f"{MISSING}; {e}") from e
 
@@ -30,7 +48,7 @@ def export_onnx(infer, path):
 
     require_onnx()
     spec = keras.InputSpec(shape=(None, *infer.image_size, 3), dtype="float32", name="images")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _environment_kept():
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         infer.export(str(path), format="onnx", input_signature=[spec], verbose=False)
