@@ -10,6 +10,7 @@ import numbers
 import keras
 
 from keras_vit.images import as_normalization
+from keras_vit.keras_internals import BuiltBeforeFirstTrace
 from keras_vit.layers import (Patches, PatchEncoder, TokenPooling, TransformerBlock,
                               patch_grid)
 from keras_vit.layers.gelu import GELU_FORMS
@@ -19,7 +20,7 @@ from keras_vit.variants import SIZES, Variant, image_hw, parse_variant
 
 
 @keras.saving.register_keras_serializable(package="keras_vit")
-class ViT(keras.Model):
+class ViT(BuiltBeforeFirstTrace, keras.Model):
     """A Vision Transformer: patches -> class token + position embeddings -> encoder -> head.
 
     A Keras functional model (as keras-hub's backbones are) whose parts are attributes:

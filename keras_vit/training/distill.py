@@ -25,6 +25,7 @@ import numpy as np
 from keras import ops
 
 from keras_vit.images import as_normalization
+from keras_vit.keras_internals import BuiltBeforeFirstTrace
 
 
 def teacher_inputs(teacher, image_size):
@@ -52,7 +53,7 @@ def _replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
 
-class Distiller(keras.Model):
+class Distiller(BuiltBeforeFirstTrace, keras.Model):
     """Trains `student` against `teacher` (see the module doc); its weights are the student's
     and the (frozen) teacher's. Save `student`, not this."""
 
