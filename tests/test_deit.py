@@ -160,8 +160,9 @@ def test_training_with_a_teacher_hard_and_soft(tmp_path, capsys):
     hard = keras_vit.train(TrainConfig(out=str(tmp_path / "hard"), teacher="resnet",
                                        distillation="hard", **common))
     config = json.loads((tmp_path / "hard" / "config.json").read_text())
-    # A teacher worth learning from after 42 steps (stale batch statistics gave ~20%).
-    assert config["distillation"] == "hard" and config["teacher_test_accuracy"] > 0.8
+    # A teacher worth learning from after 42 steps (stale batch statistics gave ~20%; 0.80
+    # with TensorFlow's default threads, 0.799 with one).
+    assert config["distillation"] == "hard" and config["teacher_test_accuracy"] > 0.7
     assert (tmp_path / "hard" / "teacher.keras").is_file()
     assert 0.0 <= hard.test_accuracy <= 1.0 and len(hard.history["loss"]) == 2
     student = keras_vit.load_model(tmp_path / "hard" / "model.keras")
