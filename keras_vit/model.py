@@ -354,8 +354,9 @@ def require_vit(model, what):
     if isinstance(model, ViT):
         return model
     raise TypeError(f"{what} needs a keras_vit.ViT (from keras_vit.build or "
-                    f"keras_vit.load_model), got {type(model).__name__} {getattr(model, 'name', '')!r}"
-                    ". A model saved by keras-vit 0.1 becomes one with keras_vit.load_model(path).")
+                    f"keras_vit.load_model), got {type(model).__name__} "
+                    f"{getattr(model, 'name', '')!r}. A model saved by keras-vit 0.1 becomes "
+                    "one with keras_vit.load_model(path).")
 
 
 def feature_model(model):

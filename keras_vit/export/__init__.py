@@ -110,8 +110,9 @@ def export_model(model, out_dir, *, class_names, name=None, version=1,
         verify: compare every file with the Keras model and raise on a mismatch.
         tflite_variants: any of "float32", "float16", "dynamic_int8", "int8".
         test_images: uint8 `(n, H, W, 3)` held-out images to verify on (with `test_labels`,
-            accuracy is reported too); resized to the model's size as training does. Without them, verification runs on 32 images made
-            here (the report says so): agreement with Keras is checked, accuracy is not.
+            accuracy is reported too); resized to the model's size as training does. Without
+            them, verification runs on 32 images made here (the report says so): agreement
+            with Keras is checked, accuracy is not.
         calibration_images: uint8 training images for the full-integer int8 file. Without
             them it is calibrated on `test_images`; with neither, the int8 file is skipped
             (a note in the report says so): calibrating on made-up images would give it
