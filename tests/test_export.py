@@ -509,7 +509,6 @@ def test_onnx_round_trip_with_onnxruntime(exported):
         assert np.abs(probs - exported["keras_probs"][:batch]).max() <= 1e-4
 
 
-
 _ONNX_IN_A_NEW_PROCESS = """
 import os, sys
 import numpy as np
@@ -531,6 +530,7 @@ def test_onnx_export_leaves_the_environment_as_it_was(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TF_CPP_MIN_LOG_LEVEL 1" in result.stdout.splitlines()
     assert (tmp_path / "x" / "x.onnx").is_file()
+
 
 # --- exact-erf GELU, through the CLI ----------------------------------------------------------
 
